@@ -1,0 +1,50 @@
+"""The ``manifold-lab`` command line (typer + rich).
+
+Errors the user can fix (:class:`manifold_lab.errors.ManifoldLabError`) are printed as one red line
+on stderr with exit code 2 and no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from manifold_lab.errors import ManifoldLabError
+
+app = typer.Typer(
+    name="manifold-lab",
+    help="Is a tokenizer's latent space diffusion-friendly? Measure SSC, LPC, GSQ, eRank and reconstruction.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+err_console = Console(stderr=True)
+
+from manifold_lab.cli import measure as _measure  # noqa: E402,F401  (registers commands)
+from manifold_lab.cli import tokenizer_cmds as _tok  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except ManifoldLabError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise

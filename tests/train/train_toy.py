@@ -1,0 +1,94 @@
+"""Tiny model, data and loss shared by the training-engine tests, plus two entry points run in child
+processes: ``python train_toy.py resume RUN_DIR`` (the kill -9 test) and :func:`ddp_worker` (DDP test)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from manifold_lab.train import OptimConfig, TrainConfig, Trainer
+
+
+class RegressionData(Dataset):
+    """``n`` samples of ``y = x @ w_true + 0.5``, fixed by ``seed``."""
+
+    def __init__(self, n: int = 40, dim: int = 6, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.w = torch.randn(dim, 2, generator=g)
+        self.y = self.x @ self.w + 0.5
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class TinyNet(nn.Module):
+    def __init__(self, dim: int = 6, hidden: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def mse_loss(model, batch, step):
+    loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
+    return loss, {"mse": loss.detach()}
+
+
+def noisy_loss(model, batch, step, sleep: float = 0.0):
+    """Uses the global RNG (input noise) so a resume is only bit-exact if RNG states are restored."""
+    if sleep:
+        time.sleep(sleep)
+    x = batch["x"] + 0.01 * torch.randn_like(batch["x"])
+    loss = ((model(x) - batch["y"]) ** 2).mean()
+    return loss, {"mse": float(loss.detach())}
+
+
+def resume_config() -> TrainConfig:
+    return TrainConfig(steps=24, batch_size=4, grad_accum=2, ckpt_every=4, log_every=4, keep_last=2,
+                       ema_decay=0.9, device="cpu", tensorboard=False,
+                       optim=OptimConfig(lr=1e-2, warmup_steps=3, weight_decay=0.01))
+
+
+def resume_main(run_dir: str, sleep: float) -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.2)
+    trainer = Trainer(model, lambda m, b, s: noisy_loss(m, b, s, sleep), RegressionData(), resume_config(),
+                      run_dir, progress=False)
+    trainer.fit()
+    print(f"start_step={trainer.start_step} step={trainer.step}", flush=True)
+
+
+def ddp_worker(rank: int, world_size: int, port: int, jobs: list[tuple[str, str, TrainConfig]]) -> None:
+    """One of ``world_size`` gloo processes: per (run_dir, out_file, cfg) train; rank 0 saves weights, grads."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    for run_dir, out_file, cfg in jobs:
+        torch.manual_seed(0)
+        trainer = Trainer(TinyNet(), mse_loss, RegressionData(), cfg, run_dir, progress=False)
+        trainer.fit()
+        if rank == 0:
+            torch.save({"weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                        "grads": {k: p.grad.clone() for k, p in trainer.model.named_parameters()}}, out_file)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "resume":
+        resume_main(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+    else:
+        raise SystemExit("usage: train_toy.py resume RUN_DIR [SLEEP]")

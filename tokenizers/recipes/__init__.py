@@ -1,0 +1,1 @@
+"""Training recipes (YAML package data) of the built-in tokenizers."""

@@ -55,3 +55,10 @@ def test_console_script_is_installed() -> None:
     assert exe.exists()
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "measure" in res.stdout
+
+
+def test_checkout_folder_refuses_to_be_imported_as_top_level_tokenizers() -> None:
+    """Running Python from the checkout root puts tokenizers/ on sys.path; it must not pose as HF's."""
+    res = subprocess.run([sys.executable, "-c", "import tokenizers"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "ImportError" in res.stderr and "manifold_lab.tokenizers" in res.stderr

@@ -10,6 +10,13 @@ installed packages add theirs through the ``manifold_lab.tokenizers`` entry-poin
 * :func:`train_tokenizer` -- train from a recipe; :func:`get_pretrained` -- the cached default.
 """
 
+if __name__ != "manifold_lab.tokenizers":  # e.g. `import tokenizers` run from the checkout's root folder
+    raise ImportError(
+        f"this folder ({__file__}) is manifold-lab's tokenizer zoo and is importable only as "
+        "manifold_lab.tokenizers; a top-level `tokenizers` is Hugging Face's package. Run Python from "
+        "another folder than the manifold-lab checkout, or import manifold_lab.tokenizers."
+    )
+
 from manifold_lab.tokenizers.base import LatentStats, Tokenizer, TokenizerBase, load_tokenizer
 from manifold_lab.tokenizers.registry import (
     TOKENIZERS,

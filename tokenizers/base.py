@@ -22,6 +22,7 @@ Checkpoint folder format (written by :meth:`TokenizerBase.save`)::
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -129,7 +130,7 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
-class TokenizerBase(nn.Module):
+class TokenizerBase(nn.Module, ABC):
     """Shared parts of the built-in tokenizers.
 
     Subclasses set ``name`` (their registry name), call ``super().__init__(config, image_size,
@@ -160,11 +161,13 @@ class TokenizerBase(nn.Module):
         self._stats_how = LatentStats.identity(self.z_channels).how
 
     # ----- to be provided by subclasses --------------------------------------------------------
+    @abstractmethod
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Validated images -> raw latents (deterministic)."""
 
+    @abstractmethod
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Validated raw latents -> images."""
 
     def latent_size(self, size: int) -> int:
         """Spatial side of the latent for a ``size`` x ``size`` image."""

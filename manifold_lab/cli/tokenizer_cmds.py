@@ -15,15 +15,13 @@ from manifold_lab.cli import app
 @app.command("tokenizers")
 def list_tokenizers() -> None:
     """List registered tokenizers (built-in and from installed packages' entry points)."""
-    from manifold_lab.tokenizers import TOKENIZERS
+    from manifold_lab.tokenizers import get_spec, list_tokenizers
 
     table = Table(title="registered tokenizers")
     table.add_column("name", style="bold")
     table.add_column("description")
-    for name in TOKENIZERS.names():
-        spec = TOKENIZERS.get(name)
-        spec = spec() if callable(spec) and not hasattr(spec, "name") else spec
-        table.add_row(name, getattr(spec, "description", ""))
+    for name in list_tokenizers():
+        table.add_row(name, get_spec(name).description)
     Console().print(table)
 
 
@@ -38,6 +36,7 @@ def train_tokenizer_cmd(
     """Train a tokenizer from a recipe; a killed run resumes when the same command is run again."""
     from manifold_lab.tokenizers.training import train_tokenizer
 
-    run_dir = run_dir or Path("runs") / f"tokenizer-{tokenizer}"
     tok = train_tokenizer(tokenizer, config_path=config, overrides=list(set_), run_dir=run_dir, progress=progress)
-    typer.echo(f"trained {tok.name}: latent shape {tuple(tok.latent_shape)}; saved under {run_dir}")
+    where = run_dir or Path("runs") / "tokenizers" / tokenizer
+    typer.echo(f"trained {tok.name}: latent shape {tuple(tok.latent_shape)}; tokenizer saved in {where}/tokenizer "
+               f"(measure it with: manifold-lab measure --checkpoint {where}/tokenizer)")

@@ -64,7 +64,7 @@ class MeasureConfig:
     masks: str | None = None        # folder of instance/panoptic mask PNGs for SSC (image folders)
     num_images: int = 10000         # images encoded for GSQ, eRank, probes and latent statistics
     recon_images: int = 5000        # images decoded for PSNR / SSIM / perceptual distance / rFID
-    batch_size: int = 250
+    batch_size: int = 50            # CPU: small batches keep the backbones' activations in cache (2x faster than 250)
     seed: int = 0
     device: str = "auto"
     perceptual: str = "auto"        # "auto" | "lpips-alex" | "lpips-vgg" | "mobilenet-deep"

@@ -90,8 +90,9 @@ def _write_figures(result: MeasureResult, fig_dir: Path) -> dict[str, Path]:
                                           fig_dir / "ssc_examples.png")
     st = m.get("latent_stats", {})
     if "mean" in st and "std" in st:
+        dead_ids = set(st.get("dead_channels") or [])
         out["channels"] = figures.channel_stats(st["mean"], st["std"], fig_dir / "channel_stats.png",
-                                                dead=st.get("dead"))
+                                                dead=[i in dead_ids for i in range(len(st["mean"]))])
     rec = a.get("recon_examples")
     if rec is not None:
         out["recon"] = figures.recon_grid(rec[0], rec[1], fig_dir / "reconstructions.png")
@@ -161,8 +162,13 @@ def _details(m: dict[str, Any]) -> list[str]:
     gsq = m.get("gsq", {})
     if "mean" in gsq:
         out.append(f"- **GSQ** {_fmt(gsq['mean'])} ± {_fmt(gsq.get('std'))} ({gsq.get('repeats')} repeats, "
-                   f"{gsq.get('num_classes')} classes × {gsq.get('per_class')} images per repeat).")
+                   f"{gsq.get('num_classes') or gsq.get('classes_available')} classes × "
+                   f"{gsq.get('per_class') or 'all'} images per repeat).")
     er = m.get("erank", {})
+    st = m.get("latent_stats", {})
+    if "global_std" in st:
+        out.append(f"- **Latent statistics** global mean {_fmt(st['global_mean'])}, std {_fmt(st['global_std'])}; "
+                   f"{len(st.get('dead_channels') or [])} near-dead channel(s) ({st.get('dead_rule')}).")
     if "erank" in er:
         out.append(f"- **eRank** {_fmt(er['erank'])} of {er.get('channels')} channels "
                    f"(normalised {_fmt(er.get('erank_normalized'))}; {er.get('n')} pooled latents).")

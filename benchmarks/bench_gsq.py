@@ -15,7 +15,7 @@ imports and data generation (Linux reports KiB): the extra resident memory the m
 peak. Wall time covers only the method call. Threads: --threads caps torch and the BLAS/OpenMP pools
 of both (default 1).
 
-    python benchmarks/bench_gsq.py [--n 50000] [--channels 32] [--classes 100] [--chunk-size 4096]
+    python benchmarks/bench_gsq.py [--n 50000] [--channels 32] [--classes 100] [--chunk-size 1024]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", choices=["ours", "sklearn"], help=argparse.SUPPRESS)

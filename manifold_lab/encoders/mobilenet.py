@@ -70,6 +70,9 @@ def load_mobilenet_v2(weights: str | os.PathLike | None = None) -> tuple[MobileN
         ) from exc
     for p in model.parameters():
         p.requires_grad_(False)
+    # channels-last: depthwise/pointwise convolutions run ~30% faster in this layout (oneDNN on CPU,
+    # cuDNN on GPU); values are unchanged up to float rounding
+    model = model.to(memory_format=torch.channels_last)
     return model.eval(), path
 
 

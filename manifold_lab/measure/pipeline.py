@@ -30,6 +30,7 @@ from manifold_lab.distributed import all_gather_rows, rank, world_size
 from manifold_lab.errors import DataError, ManifoldLabError
 from manifold_lab.measure.config import MeasureConfig
 from manifold_lab.measure.progress import StageTracker
+from manifold_lab.train import resolve_device, seed_everything
 
 
 @dataclass
@@ -38,15 +39,6 @@ class MeasureResult:
 
     metrics: dict[str, Any]
     artifacts: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ManifoldLabError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from exc
 
 
 def package_versions() -> dict[str, str]:
@@ -76,11 +68,6 @@ def _check_finite(z: torch.Tensor, what: str) -> None:
         raise ManifoldLabError(f"{what} contain {int(bad)} NaN/inf values; the tokenizer or latents file is broken")
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer profile
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +80,7 @@ def measure_tokenizer(tokenizer, cfg: MeasureConfig, tracker: StageTracker) -> M
     from manifold_lab.metrics import ChannelStats, FeatureStats, LPCAccumulator, ReconAccumulator
     from manifold_lab.metrics.perceptual import build_perceptual_distance
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = tokenizer.to(device).eval() if hasattr(tokenizer, "to") else tokenizer
     image_size = int(tokenizer.image_size)
@@ -373,7 +360,7 @@ def measure_latents(path: str | Path, cfg: MeasureConfig, tracker: StageTracker)
     """Encode-only profile: SSC (if segments), GSQ + probes (if labels), eRank and statistics."""
     from manifold_lab.metrics import ChannelStats, SSCAccumulator, downsample_segments
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     with tracker.stage("load latents"):
         data = load_latents_file(path)
     z = data["latents"].float()

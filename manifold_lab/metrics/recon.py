@@ -34,7 +34,11 @@ def psnr(x: Any, y: Any, data_range: float = 2.0) -> torch.Tensor:
 
 def ssim(x: Any, y: Any) -> torch.Tensor:
     """Per-sample SSIM (B,) of images in [-1, 1] (mapped to [0, 1], data range 1)."""
-    from torchmetrics.functional import structural_similarity_index_measure  # slow import: only when used
+    import warnings
+
+    with warnings.catch_warnings():  # torchmetrics' package import warns about an unrelated deprecated alias
+        warnings.simplefilter("ignore", FutureWarning)
+        from torchmetrics.functional import structural_similarity_index_measure  # slow import: only when used
 
     a, b = _pair(x, y, "ssim")
     if min(a.shape[-2:]) < 11:

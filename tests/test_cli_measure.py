@@ -146,3 +146,32 @@ def test_empty_image_folder_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -
 def test_unknown_config_key_is_one_line(tmp_path: Path) -> None:
     res = _run(["measure", "--set", "lpc.nope=3", "--out", str(tmp_path / "r")], tmp_path)
     _assert_one_line_failure(res, "lpc.nope", "rhos")
+
+
+def test_measure_user_image_folder_with_masks(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A user's ImageNet-layout folder at odd resolutions plus instance-mask PNGs: SSC from the masks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        (tmp_path / "masks" / c).mkdir(parents=True)
+        for i in range(6):
+            h, w = 40 + 3 * i, 36 + 5 * i
+            img = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+            mask = np.zeros((h, w), np.uint8)
+            mask[: h // 2] = 1
+            img[: h // 2] = (200, 60, 60) if c == "cats" else (60, 60, 200)
+            Image.fromarray(img).save(tmp_path / "data" / c / f"{i}.png")
+            Image.fromarray(mask).save(tmp_path / "masks" / c / f"{i}.png")
+    out = tmp_path / "res"
+    res = _run(["measure", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "data"),
+                "--masks", str(tmp_path / "masks"), "--out", str(out), "--no-progress",
+                "--set", "probes.num_points=12", "--set", "gsq.per_class=null", "--set", "probes.umap=false"],
+               tmp_path)
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert m["ssc"]["n_images"] == 12 and "masks" in m["ssc"]["source"]
+    assert m["reconstruction"]["n_images"] == 12
+    assert m["probes"]["tsne"]["perplexity"] < 30  # capped for 12 points and recorded

@@ -257,19 +257,25 @@ def _semantic_metrics(pooled: np.ndarray, labels: np.ndarray | None, channels: i
     sub, sub_labels = pooled[idx], labels[idx]
     probes: dict[str, Any] = {"num_points": int(len(idx)), "knn_k": p.knn_k}
     maps: dict[str, np.ndarray] = {}
-    if p.tsne:
+    # small data sets (a user's folder): cap the neighbourhood sizes at what n points allow, and record it
+    n = len(idx)
+    knn_k = max(1, min(p.knn_k, n - 1))
+    perplexity = float(min(p.tsne_perplexity, max(1.0, (n - 1) / 3)))
+    n_neighbors = int(max(2, min(p.umap_neighbors, n - 1)))
+    probes["knn_k"] = knn_k
+    if p.tsne and n >= 4:
         with tracker.stage("t-SNE probe"):
-            emb = tsne_2d(sub, seed=cfg.seed, perplexity=p.tsne_perplexity)
+            emb = tsne_2d(sub, seed=cfg.seed, perplexity=perplexity)
             maps["tsne"] = emb
-            probes["tsne"] = {"knn_accuracy": float(knn_accuracy(emb, sub_labels, k=p.knn_k)),
-                              "silhouette": float(silhouette(emb, sub_labels)), "perplexity": p.tsne_perplexity}
-    if p.umap:
+            probes["tsne"] = {"knn_accuracy": float(knn_accuracy(emb, sub_labels, k=knn_k)),
+                              "silhouette": float(silhouette(emb, sub_labels)), "perplexity": perplexity}
+    if p.umap and n >= 4:
         with tracker.stage("UMAP probe"):
-            emb = umap_2d(sub, seed=cfg.seed, n_neighbors=p.umap_neighbors, min_dist=p.umap_min_dist)
+            emb = umap_2d(sub, seed=cfg.seed, n_neighbors=n_neighbors, min_dist=p.umap_min_dist)
             maps["umap"] = emb
-            probes["umap"] = {"knn_accuracy": float(knn_accuracy(emb, sub_labels, k=p.knn_k)),
+            probes["umap"] = {"knn_accuracy": float(knn_accuracy(emb, sub_labels, k=knn_k)),
                               "silhouette": float(silhouette(emb, sub_labels)),
-                              "n_neighbors": p.umap_neighbors, "min_dist": p.umap_min_dist}
+                              "n_neighbors": n_neighbors, "min_dist": p.umap_min_dist}
     if p.linear_probe:
         with tracker.stage("linear probe"):
             probes["linear_probe"] = _jsonable(linear_probe(pooled, labels, seed=cfg.seed))

@@ -11,6 +11,8 @@ at 0) give the trace stably. Which method was used and the imaginary residue are
 
 from __future__ import annotations
 
+import warnings
+
 import math
 from typing import Any
 
@@ -144,7 +146,9 @@ def _eig_trace_sqrt(s1: np.ndarray, s2: np.ndarray) -> float:
 def _sqrtm_trace(s1: np.ndarray, s2: np.ndarray, imag_tol: float = IMAG_TOL) -> tuple[float, str, float]:
     """(tr sqrt(S1 S2), method, imaginary residue of scipy's result)."""
     try:
-        root = scipy.linalg.sqrtm(s1 @ s2)
+        with warnings.catch_warnings():  # singular products are expected; the checks below handle them
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            root = scipy.linalg.sqrtm(s1 @ s2)
         if isinstance(root, tuple):  # older scipy with disp=False semantics
             root = root[0]
         root = np.asarray(root)

@@ -46,7 +46,9 @@ def ssim(x: Any, y: Any) -> torch.Tensor:
     # float32: torchmetrics' float64 Gaussian convolutions are ~40x slower on CPU, and SSIM needs no
     # more than single precision (agreement ~1e-6)
     a32, b32 = ((a + 1) / 2).float(), ((b + 1) / 2).float()
-    out = structural_similarity_index_measure(a32, b32, data_range=1.0, reduction="none")
+    with warnings.catch_warnings():  # ... and again on its first call
+        warnings.simplefilter("ignore", FutureWarning)
+        out = structural_similarity_index_measure(a32, b32, data_range=1.0, reduction="none")
     return out.reshape(a.shape[0]).to(torch.float64)
 
 

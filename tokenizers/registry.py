@@ -29,10 +29,15 @@ LossFn = Callable[[Any, Any, int], tuple[Any, dict[str, float]]]
 class TokenizerSpec:
     """Everything the toolkit needs to know about one kind of tokenizer.
 
-    ``build`` returns an untrained model from a ``config_cls`` instance; ``loss`` is its training
-    objective for the engine (None when it cannot be trained here); ``default_recipe`` is the YAML
-    recipe of the CPU default checkpoint; ``pretrained`` returns a ready tokenizer for packages that
-    bring their own weights (then no training happens).
+    ``build`` returns an untrained model from a ``config_cls`` instance. The training objective is
+    either ``criterion`` -- ``criterion(config) -> nn.Module`` called as ``module(model, batch, step)
+    -> (loss, logs)``, which may hold a discriminator (see :mod:`manifold_lab.train.gan`) -- or the
+    plain function ``loss`` (None for both: cannot be trained here). ``prepare(model, recipe, dataset,
+    run_dir, progress)`` is an optional stage run before the main training (PAE's refined targets); it
+    must be resumable on its own (store its result atomically in ``run_dir`` and reuse it).
+    ``default_recipe`` is the YAML recipe of the CPU default checkpoint, ``paper_recipe`` the paper-scale
+    one; ``pretrained`` returns a ready tokenizer for packages that bring their own weights (then no
+    training happens).
     """
 
     name: str
@@ -42,6 +47,9 @@ class TokenizerSpec:
     default_recipe: str | Path | None = None
     pretrained: Callable[[], Any] | None = None
     description: str = ""
+    criterion: Callable[[Any], Any] | None = None
+    prepare: Callable[..., None] | None = None
+    paper_recipe: str | Path | None = None
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.config_cls):

@@ -171,7 +171,7 @@ def train_tokenizer(name: str, config_path: str | Path | None = None, overrides:
     ``<run_dir>/tokenizer``) and can be reloaded with :func:`load_tokenizer`.
     """
     spec = get_spec(name)
-    if spec.loss is None:
+    if spec.loss is None and spec.criterion is None:
         raise ManifoldLabError(
             f"tokenizer '{name}' has no training loss in manifold-lab; use get_pretrained('{name}') or its "
             "package's own training code"
@@ -184,7 +184,10 @@ def train_tokenizer(name: str, config_path: str | Path | None = None, overrides:
         raise ManifoldLabError(f"tokenizer '{name}': build() must return a TokenizerBase to be trained and saved here")
     dataset = build_training_dataset(recipe.data)
     run_config = {k: v for k, v in recipe.to_dict().items() if k != "train"}
-    trainer = Trainer(model, spec.loss, dataset, recipe.train, run_dir, progress=progress,
+    if spec.prepare is not None:
+        spec.prepare(model, recipe, dataset, run_dir, progress)
+    loss_fn = spec.criterion(recipe.model) if spec.criterion is not None else spec.loss
+    trainer = Trainer(model, loss_fn, dataset, recipe.train, run_dir, progress=progress,
                       image_fn=_reconstruction_grid(dataset), run_config=run_config)
     tokenizer = trainer.fit()
     tokenizer.eval()

@@ -53,6 +53,10 @@ class FrozenEncoder(nn.Module):
             p.requires_grad_(False)
         return self.train(False)
 
+    def __deepcopy__(self, memo: dict) -> "FrozenEncoder":
+        # Immutable by construction: a deep copy of a model that holds it (an EMA copy) shares it.
+        return self
+
     def train(self, mode: bool = True) -> "FrozenEncoder":
         # Always eval: a frozen encoder inside a training model must not change behaviour.
         return super().train(False)

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from manifold_lab.errors import ManifoldLabError, MissingWeightsError
 from manifold_lab.tokenizers.base import CONFIG_FILE, load_tokenizer
@@ -39,15 +39,18 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/manifold-lab").expanduser()
 
 
-def recipe_key(name: str, recipe: str | os.PathLike) -> str:
-    """12 hex digits of sha256(tokenizer name, recipe bytes, manifold-lab version)."""
+def recipe_key(name: str, recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> str:
+    """12 hex digits of sha256(tokenizer name, recipe bytes, manifold-lab version[, overrides])."""
     from manifold_lab import __version__
 
     path = Path(recipe)
     if not path.is_file():
         raise ManifoldLabError(f"recipe file not found: {path}; reinstall manifold-lab or pass an existing recipe")
     digest = hashlib.sha256()
-    for part in (name.encode(), path.read_bytes(), __version__.encode()):
+    parts = [name.encode(), path.read_bytes(), __version__.encode()]
+    if overrides:  # no overrides keeps the keys of existing default checkpoints
+        parts.append("\n".join(overrides).encode())
+    for part in parts:
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()[:12]
@@ -65,10 +68,10 @@ def _recipe_for(name: str, recipe: str | os.PathLike | None) -> Path:
 
 
 def pretrained_dir(name: str, cache_dir: str | os.PathLike | None = None,
-                   recipe: str | os.PathLike | None = None) -> Path:
-    """Where the default checkpoint of ``name`` lives (whether or not it exists yet)."""
+                   recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Path:
+    """Where the default checkpoint of ``name`` (recipe + ``overrides``) lives, whether or not it exists yet."""
     path = _recipe_for(name, recipe)
-    return cache_root(cache_dir) / "checkpoints" / f"{name}-{recipe_key(name, path)}"
+    return cache_root(cache_dir) / "checkpoints" / f"{name}-{recipe_key(name, path, overrides)}"
 
 
 def train_command(name: str, recipe: str | os.PathLike | None = None) -> str:
@@ -95,7 +98,8 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
 
 
 def get_pretrained(name: str, cache_dir: str | os.PathLike | None = None, train_if_missing: bool = True,
-                   progress: bool = True, recipe: str | os.PathLike | None = None) -> Any:
+                   progress: bool = True, recipe: str | os.PathLike | None = None,
+                   overrides: Sequence[str] = ()) -> Any:
     """The default tokenizer ``name`` for the embedded data (eval mode, latent stats included).
 
     A spec with ``pretrained`` returns its own ready tokenizer. Otherwise the cached checkpoint for
@@ -104,21 +108,22 @@ def get_pretrained(name: str, cache_dir: str | os.PathLike | None = None, train_
     command that trains it.
     """
     spec = get_spec(name)
-    if spec.pretrained is not None and recipe is None:
+    if spec.pretrained is not None and recipe is None and not overrides:
         return spec.pretrained()
     recipe_path = _recipe_for(name, recipe)
-    folder = pretrained_dir(name, cache_dir, recipe_path)
+    folder = pretrained_dir(name, cache_dir, recipe_path, overrides)
     if (folder / CONFIG_FILE).is_file():
         return load_tokenizer(folder)
     if not train_if_missing:
+        how = train_command(name, recipe) if not overrides else f"get_pretrained('{name}', overrides={list(overrides)})"
         raise MissingWeightsError(
-            f"no default '{name}' checkpoint in {folder}; train it once with `{train_command(name, recipe)}`"
+            f"no default '{name}' checkpoint in {folder}; train it once with `{how}`"
             f"{' (with MANIFOLD_LAB_CACHE=' + str(cache_root(cache_dir)) + ')' if cache_dir is not None else ''}"
         )
     with _exclusive(folder.parent / f".{folder.name}.lock"):
         if not (folder / CONFIG_FILE).is_file():  # another process may have finished it meanwhile
             run_dir = cache_root(cache_dir) / "runs" / folder.name
-            train_tokenizer(name, recipe_path, run_dir=run_dir, progress=progress, save_dir=folder)
+            train_tokenizer(name, recipe_path, overrides, run_dir=run_dir, progress=progress, save_dir=folder)
     return load_tokenizer(folder)
 
 

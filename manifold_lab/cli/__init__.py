@@ -25,6 +25,7 @@ err_console = Console(stderr=True)
 
 from manifold_lab.cli import measure as _measure  # noqa: E402,F401  (registers commands)
 from manifold_lab.cli import tokenizer_cmds as _tok  # noqa: E402,F401
+from manifold_lab.cli import compare as _compare  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

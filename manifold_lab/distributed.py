@@ -29,6 +29,12 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over processes (returns ``t`` itself when not distributed)."""
     if not is_distributed():

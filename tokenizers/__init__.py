@@ -27,6 +27,7 @@ from manifold_lab.tokenizers.registry import (
     register_tokenizer,
 )
 from manifold_lab.tokenizers.vae import VAE, VAEConfig, vae_loss
+from manifold_lab.tokenizers import vavae  # noqa: F401,E402  (registers "vavae")
 from manifold_lab.tokenizers.training import (
     DataSection,
     TokenizerRecipe,

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from manifold_lab import distributed
 from manifold_lab.config import apply_overrides, from_dict, read_yaml, to_dict
 from manifold_lab.errors import ConfigError, ManifoldLabError
 from manifold_lab.io import atomic_dir
@@ -147,14 +148,14 @@ def compute_latent_stats(tokenizer: Any, dataset: Dataset, num_images: int, batc
 
 
 def _reconstruction_grid(dataset: Dataset, count: int = 8):
-    """An image_fn for the engine: originals over reconstructions of ``count`` fixed training images."""
+    """An image_fn for the engine: a row of ``count`` fixed training images over a row of their reconstructions."""
     fixed = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
 
     def image_fn(model: Any, step: int) -> torch.Tensor:
         device = next(model.parameters()).device
         x = fixed.to(device)
         recon = model.decode(model.encode(x)).clamp(-1, 1)
-        return torch.cat([x, recon.to(x.dtype)])
+        return torch.cat([x, recon.to(x.dtype)]), len(x)
 
     return image_fn
 
@@ -191,11 +192,15 @@ def train_tokenizer(name: str, config_path: str | Path | None = None, overrides:
                       image_fn=_reconstruction_grid(dataset), run_config=run_config)
     tokenizer = trainer.fit()
     tokenizer.eval()
+    if not distributed.is_main_process():  # under torchrun only rank 0 computes statistics and saves
+        distributed.barrier()
+        return tokenizer
     stats = compute_latent_stats(tokenizer, dataset, recipe.data.stats_images,
                                  batch_size=recipe.data.stats_batch_size, seed=recipe.train.seed)
     tokenizer.set_latent_stats(stats)
     with atomic_dir(save_dir) as tmp:
         tokenizer.save(tmp)
+    distributed.barrier()
     return tokenizer
 
 

@@ -6,21 +6,27 @@ stages), a middle block ResNet -> single-head self-attention -> ResNet, and a he
 and log-variance of a diagonal Gaussian posterior with ``z_channels`` channels. The decoder mirrors
 it with nearest-neighbour upsampling. ``encode`` returns the posterior mean.
 
-Training objective (:func:`vae_loss`), per image and divided by its number of pixels so that
-the weights mean what they mean in LDM's summed objective::
+Training objective (:class:`VAECriterion`), per image and divided by its number of pixels so that
+the weights mean what they mean in LDM's summed objective (``LPIPSWithDiscriminator`` in
+``CompVis/latent-diffusion`` ``ldm/modules/losses/contperceptual.py``, with its learned log-variance
+fixed at 0)::
 
-    loss = mean|x - x_rec| + perceptual_weight * P(x, x_rec) + kl_weight * KL(q(z|x) || N(0, I)) / (3*H*W)
+    rec  = mean|x - x_rec| + perceptual_weight * P(x, x_rec)
+    loss = rec + kl_weight * KL(q(z|x) || N(0, I)) / (3*H*W)
+           + [step >= gan.start_step] * gan.weight * adaptive * g_loss(D(x_rec))
 
 where P is ``manifold_lab.metrics.perceptual.build_perceptual_distance(perceptual_name)``
-(``perceptual_weight = 0`` switches it off and never builds it). LDM's optional PatchGAN
-discriminator with an adaptive weight is not part of this objective yet: it is planned for the
-next issue, together with a second optimizer in the training engine.
+(``perceptual_weight = 0`` switches it off and never builds it), D is the PatchGAN of
+:mod:`manifold_lab.train.gan` (built only when ``gan.weight > 0``; the engine trains it with its own
+optimizer after every step) and ``adaptive = ||grad_W rec|| / (||grad_W g_loss|| + 1e-4)`` at the
+decoder's output conv W (:meth:`VAE.last_layer`). The adaptive weight is a ratio of gradient norms,
+so dividing LDM's per-image sums by the pixel count leaves the rec/GAN balance exactly as in LDM.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,10 @@ from torch import nn
 
 from manifold_lab.errors import ConfigError
 from manifold_lab.tokenizers.base import TokenizerBase
+from manifold_lab.tokenizers.losses import ReconstructionLoss, TokenizerCriterion, batch_images
 from manifold_lab.tokenizers.registry import TokenizerSpec, register_tokenizer
+from manifold_lab.train.engine import unwrap_model
+from manifold_lab.train.gan import GANConfig
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # as in LDM: keeps exp(logvar) finite early in training
 
@@ -52,8 +61,11 @@ class VAEConfig:
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.0
     perceptual_name: str = "auto"
+    gan: GANConfig = field(default_factory=GANConfig)  # weight 0 (default): no discriminator
 
     def __post_init__(self) -> None:
+        if isinstance(self.gan, dict):
+            self.gan = GANConfig(**self.gan)
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
             raise ConfigError(f"vae: ch_mult must be a non-empty list of positive integers, got {list(self.ch_mult)}")
@@ -230,6 +242,10 @@ class VAE(TokenizerBase):
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
 
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's output conv weight: where the adaptive GAN weight compares gradient norms (LDM)."""
+        return self.decoder.conv_out.weight
+
     def supports_resolution(self, size: int) -> bool:
         return int(size) >= 8 and int(size) % self.downsample == 0
 
@@ -254,58 +270,46 @@ class VAE(TokenizerBase):
         return self._decode(z), posterior
 
 
-_PERCEPTUAL_CACHE: dict[tuple[str, str], nn.Module] = {}
+class VAECriterion(TokenizerCriterion):
+    """The VAE's training objective (module docstring): L1 + perceptual (+ adaptive PatchGAN) + KL.
 
+    ``criterion(model, batch, step) -> (loss, logs)``; batch is images or (images, labels). Logs:
+    ``l1``, ``perceptual`` (when used), ``kl`` (per image, summed over latent elements), and from
+    ``gan.start_step`` on ``gan_g``/``gan_adaptive``; the discriminator's own loss is logged by the
+    engine's discriminator step. ``model`` may be wrapped (DDP, torch.compile): the forward goes
+    through the wrapper, ``last_layer`` comes from the unwrapped module.
+    """
 
-def _perceptual(name: str, device: torch.device) -> nn.Module:
-    """A frozen perceptual distance, built once per (name, device) and kept out of the model's
-    state dict (it is a training aid, not part of the tokenizer)."""
-    key = (name, str(device))
-    if key not in _PERCEPTUAL_CACHE:
-        from manifold_lab.metrics.perceptual import build_perceptual_distance
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__(ReconstructionLoss(l1_weight=1.0, perceptual_weight=config.perceptual_weight,
+                                            perceptual_name=config.perceptual_name, gan=config.gan))
+        self.kl_weight = float(config.kl_weight)
 
-        net = build_perceptual_distance(name).to(device).eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        _PERCEPTUAL_CACHE[key] = net
-    return _PERCEPTUAL_CACHE[key]
-
-
-def _images(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+    def forward(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch_images(batch)
+        recon, posterior = model(x)
+        last = unwrap_model(model).last_layer() if self.recon.gan.active(step) else None
+        rec, logs = self.recon(x, recon, step, last_layer=last)
+        kl = posterior.kl().float().mean()  # per image, summed over latent elements
+        loss = rec + self.kl_weight * (kl / x[0].numel())
+        logs["kl"] = kl.detach()  # 0-d tensors: the engine averages them without a device sync
+        return loss, logs
 
 
 def vae_loss(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training objective described in the module docstring (batch: images or (images, labels)).
-
-    Returns (loss, logs) with logs ``l1``, ``kl`` (per image, summed over latent elements) and
-    ``perceptual`` (when used) as detached 0-d tensors.
-
-    ``model`` may be wrapped (DDP, torch.compile): the forward goes through the wrapper so that
-    gradients synchronise, the config is read from the unwrapped module.
-    """
-    core = getattr(model, "_orig_mod", model)
-    core = getattr(core, "module", core)
-    cfg: VAEConfig = core.config
-    x = _images(batch)
-    recon, posterior = model(x)
-    rec = (recon.float() - x.float()).abs().mean()
-    kl = posterior.kl().float().mean() / x[0].numel()
-    loss = rec + cfg.kl_weight * kl
-    # 0-d tensors, not floats: the engine averages them without a device sync every step
-    logs = {"l1": rec.detach(), "kl": kl.detach() * x[0].numel()}
-    if cfg.perceptual_weight > 0:
-        p = _perceptual(cfg.perceptual_name, x.device)(recon, x).float().mean()
-        loss = loss + cfg.perceptual_weight * p
-        logs["perceptual"] = p.detach()
-    return loss, logs
+    """:class:`VAECriterion` as a plain function, WITHOUT the GAN term (a function cannot own a
+    discriminator); kept for code that calls the loss directly. Training uses the criterion."""
+    cfg: VAEConfig = unwrap_model(model).config
+    return VAECriterion(replace(cfg, gan=GANConfig()))(model, batch, step)
 
 
 VAE_SPEC = register_tokenizer(TokenizerSpec(
     name="vae",
     config_cls=VAEConfig,
     build=VAE,
-    loss=vae_loss,
+    loss=vae_loss,  # GAN-free plain-function form; training uses the criterion
+    criterion=VAECriterion,
     default_recipe=Path(__file__).resolve().parent / "recipes" / "vae_cpu.yaml",
+    paper_recipe=Path(__file__).resolve().parent / "recipes" / "vae_imagenet256.yaml",
     description="LDM-style KL autoencoder (conv ResNet, mid attention, diagonal Gaussian posterior)",
 ))

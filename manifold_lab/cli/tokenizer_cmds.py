@@ -29,14 +29,34 @@ def list_tokenizers() -> None:
 def train_tokenizer_cmd(
     tokenizer: str = typer.Option(..., "--tokenizer", "-t", help="Registered tokenizer name."),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (default: the embedded CPU recipe)."),
+    paper: bool = typer.Option(False, "--paper", help="Use the tokenizer's paper-scale recipe (ImageNet 256, GPUs)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe value: key=value (e.g. train.steps=200)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (checkpoints, logs, final tokenizer)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (checkpoints, logs); default "
+                                           "runs/tokenizers/NAME. Rerun the same command to resume."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to save the trained tokenizer "
+                                       "(default: RUN_DIR/tokenizer)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train a tokenizer from a recipe; a killed run resumes when the same command is run again."""
+    """Train a tokenizer from a recipe; a killed run resumes when the same command is run again.
+
+    Under ``torchrun`` (``torchrun --nproc_per_node N -m manifold_lab.cli train-tokenizer ...``) every
+    process trains with DDP; rank 0 writes the run dir and the tokenizer.
+    """
+    from manifold_lab import distributed
+    from manifold_lab.errors import ConfigError
+    from manifold_lab.tokenizers import get_spec
     from manifold_lab.tokenizers.training import train_tokenizer
 
-    tok = train_tokenizer(tokenizer, config_path=config, overrides=list(set_), run_dir=run_dir, progress=progress)
-    where = run_dir or Path("runs") / "tokenizers" / tokenizer
-    typer.echo(f"trained {tok.name}: latent shape {tuple(tok.latent_shape)}; tokenizer saved in {where}/tokenizer "
-               f"(measure it with: manifold-lab measure --checkpoint {where}/tokenizer)")
+    if paper:
+        if config is not None:
+            raise ConfigError("pass either --paper or --config, not both")
+        config = get_spec(tokenizer).paper_recipe
+        if config is None:
+            raise ConfigError(f"tokenizer '{tokenizer}' has no paper-scale recipe; pass one with --config")
+    where = Path(run_dir) if run_dir is not None else Path("runs") / "tokenizers" / tokenizer
+    saved = Path(out) if out is not None else where / "tokenizer"
+    tok = train_tokenizer(tokenizer, config_path=config, overrides=list(set_), run_dir=where, save_dir=saved,
+                          progress=progress)
+    if distributed.is_main_process():
+        typer.echo(f"trained {tok.name}: latent shape {tuple(tok.latent_shape)}; tokenizer saved in {saved} "
+                   f"(measure it with: manifold-lab measure --checkpoint {saved})")

@@ -17,6 +17,10 @@ by calling ``model(...)``; ``logs`` are extra floats to report. What one optimiz
    tensors with >= 2 dims, never on norms and biases), a ``LambdaLR`` step (linear warm-up, then
    cosine to ``min_lr_ratio * lr`` or constant), and an EMA update of parameters and float buffers.
 
+3. when ``loss_fn`` is an ``nn.Module`` holding a discriminator (a tokenizer criterion with the GAN
+   on, :mod:`~manifold_lab.train.gan`): one discriminator step with its own AdamW on the micro-batches
+   of that step (accumulated like the generator's; gradients all-reduced by hand under DDP).
+
 Data (:mod:`~manifold_lab.train.data`): an endless stream of per-epoch permutations seeded by
 ``(seed, epoch)``; micro-batch ``k`` is a pure function of ``k``, so a resumed run reads exactly the
 samples an uninterrupted one would, and ``W`` processes x ``B`` samples read what one process with
@@ -25,7 +29,8 @@ samples an uninterrupted one would, and ``W`` processes x ``B`` samples read wha
 Run dir layout (only rank 0 writes)::
 
     run_dir/config.json           train config (+ optional run_config); a restart must match it
-    run_dir/checkpoints/step_N/   model.safetensors, ema.safetensors, state.pt (atomic folder)
+    run_dir/checkpoints/step_N/   model.safetensors, ema.safetensors, state.pt (atomic folder),
+                                  criterion.safetensors when the criterion has state (discriminator)
     run_dir/metrics.jsonl         one line of averaged scalars per log step
     run_dir/tensorboard/          TensorBoard scalars (train/<key>) and image grids
     run_dir/images/               image grids from image_fn, one png per checkpoint

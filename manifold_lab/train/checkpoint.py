@@ -3,8 +3,11 @@
 A checkpoint is the folder ``run_dir/checkpoints/step_00001234/`` holding
 
 * ``model.safetensors`` and ``ema.safetensors`` -- the raw model's and the EMA copy's state dicts;
+* ``criterion.safetensors`` -- only when the training criterion is a module with state (a GAN
+  discriminator): its state dict;
 * ``state.pt`` -- optimizer, scheduler, step, world size and every process's RNG states (torch, CUDA,
-  numpy, python ``random``), stored as tensors, lists and numbers only, so it loads with
+  numpy, python ``random``), plus the discriminator's optimizer and scheduler when there is one
+  (``disc_optimizer``, ``disc_scheduler``), stored as tensors, lists and numbers only, so it loads with
   ``torch.load(weights_only=True)`` (no pickle code execution).
 
 The folder is written under a temporary name and renamed when complete (:func:`manifold_lab.io.atomic_dir`),
@@ -116,17 +119,33 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
+def has_state(module: Any) -> bool:
+    """Whether ``module`` is an ``nn.Module`` with a non-empty state dict (worth a checkpoint file)."""
+    return isinstance(module, nn.Module) and len(module.state_dict()) > 0
+
+
 def save_checkpoint(path: str | Path, *, step: int, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, rng: list[dict[str, Any]],
-                    world_size: int = 1) -> Path:
-    """Write one complete checkpoint folder atomically; returns its path."""
+                    world_size: int = 1, criterion: nn.Module | None = None,
+                    disc_optimizer: torch.optim.Optimizer | None = None, disc_scheduler: Any = None) -> Path:
+    """Write one complete checkpoint folder atomically; returns its path.
+
+    ``criterion`` (a training criterion with state, e.g. holding a discriminator) goes to
+    ``criterion.safetensors``; ``disc_optimizer``/``disc_scheduler`` into ``state.pt``.
+    """
     path = Path(path)
     state = {"format": FORMAT_VERSION, "step": int(step), "world_size": int(world_size),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+    if disc_optimizer is not None:
+        state["disc_optimizer"] = disc_optimizer.state_dict()
+    if disc_scheduler is not None:
+        state["disc_scheduler"] = disc_scheduler.state_dict()
     with atomic_dir(path) as tmp:
         meta = {"step": str(step), "format": str(FORMAT_VERSION)}
         save_tensors(tmp / "model.safetensors", _cpu_state(model), metadata=meta)
         save_tensors(tmp / "ema.safetensors", _cpu_state(ema), metadata=meta)
+        if has_state(criterion):
+            save_tensors(tmp / "criterion.safetensors", _cpu_state(criterion), metadata=meta)
         torch.save(state, tmp / "state.pt")
     return path
 
@@ -146,8 +165,14 @@ def _load_module(module: nn.Module, file: Path, device: torch.device | str) -> N
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, ema: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint folder into the given objects; returns the ``state.pt`` dict (step, rng, ...)."""
+                    device: torch.device | str = "cpu", criterion: nn.Module | None = None,
+                    disc_optimizer: torch.optim.Optimizer | None = None,
+                    disc_scheduler: Any = None) -> dict[str, Any]:
+    """Load a checkpoint folder into the given objects; returns the ``state.pt`` dict (step, rng, ...).
+
+    A criterion with state needs the checkpoint's ``criterion.safetensors``, a discriminator optimizer
+    its ``disc_optimizer`` entry (one-line :class:`CheckpointError` otherwise).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
@@ -166,11 +191,24 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, ema: nn.Module | None
     _load_module(model, path / "model.safetensors", device)
     if ema is not None:
         _load_module(ema, path / "ema.safetensors", device)
+    if has_state(criterion):
+        if not (path / "criterion.safetensors").is_file():
+            raise CheckpointError(f"checkpoint {path} has no criterion.safetensors but the training criterion "
+                                  "has state (a GAN discriminator); it was written by a run without one: use "
+                                  "its config or a new run dir")
+        _load_module(criterion, path / "criterion.safetensors", device)
+    if disc_optimizer is not None and "disc_optimizer" not in state:
+        raise CheckpointError(f"checkpoint {state_file} has no discriminator optimizer state; it was written by "
+                              "a run without a GAN discriminator: use its config or a new run dir")
     try:
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if disc_optimizer is not None:
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        if disc_scheduler is not None and "disc_scheduler" in state:
+            disc_scheduler.load_state_dict(state["disc_scheduler"])
     except (ValueError, KeyError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"optimizer state in {state_file} does not fit this model ({reason}); "

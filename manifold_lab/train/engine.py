@@ -18,7 +18,7 @@ from manifold_lab.errors import ManifoldLabError
 from manifold_lab.train.checkpoint import (capture_rng, checkpoint_path, ensure_same_config, latest_checkpoint,
                                            load_checkpoint, prune_checkpoints, remove_stale_temporaries,
                                            restore_rng, save_checkpoint, seed_everything)
-from manifold_lab.train.config import TrainConfig
+from manifold_lab.train.config import OptimConfig, TrainConfig
 from manifold_lab.train.data import make_loader, move_to_device
 from manifold_lab.train.device import autocast_context, resolve_device
 from manifold_lab.train.ema import ema_update, make_ema
@@ -26,7 +26,7 @@ from manifold_lab.train.run_log import RunLogger
 from manifold_lab.train.schedule import build_optimizer, build_scheduler
 
 LossFn = Callable[[nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"]
-ImageFn = Callable[[nn.Module, int], "torch.Tensor | None"]
+ImageFn = Callable[[nn.Module, int], "torch.Tensor | tuple[torch.Tensor, int] | None"]
 
 # Settings that do not change the trained weights, so a restart may change them.
 RESUME_SAFE_KEYS = ("train.log_every", "train.tensorboard")
@@ -53,11 +53,28 @@ class Trainer:
     ``logs`` holds floats or 0-d tensors, averaged over the steps between two log lines.
 
     ``image_fn(model, step)`` (optional) gets the raw model in eval mode under ``no_grad`` at every
-    checkpoint and returns images in [-1, 1] to log as a grid (or None); it runs on rank 0 only and
-    the RNG state is restored afterwards, so it never changes the training trajectory.
+    checkpoint and returns images in [-1, 1] to log as a grid (or None), or ``(images, nrow)`` to fix
+    the images per grid row (e.g. ``nrow = N`` for N originals followed by their N reconstructions:
+    originals on the top row, reconstructions below); it runs on rank 0 only and the RNG state is
+    restored afterwards, so it never changes the training trajectory.
 
     ``run_config`` (optional) is the rest of the run's config (model, data, ...): it is recorded in
     ``run_dir/config.json`` next to the train config and a restart with different values is refused.
+
+    A ``loss_fn`` that is an ``nn.Module`` (a tokenizer's criterion) is moved to the device and its
+    state is checkpointed (``criterion.safetensors``). When it also has ``discriminator_loss(step)`` and
+    trainable discriminator parameters (``discriminator_parameters()``, else all its trainable
+    parameters), the trainer owns a second AdamW for them (``discriminator_optim_config()``, default
+    constant lr 1e-4, betas (0.5, 0.9)) and, after every generator optimizer step, takes one
+    discriminator step: ``discriminator_loss(step)`` once per micro-batch of that step (the criterion
+    remembers its (x, recon) pairs), backward of ``loss / pairs`` (= ``grad_accum``) so the
+    micro-batches accumulate like one big batch, then under DDP an all-reduce (average) of the
+    discriminator's gradients, then the step. The discriminator is deliberately not wrapped in DDP: it
+    also runs (frozen) inside the generator's forward, and a DDP module used in a forward whose backward
+    produces no gradients for it breaks DDP's reducer (unused-parameter errors, or
+    ``find_unused_parameters`` scans every step); a single all-reduce of one flat gradient buffer per
+    step is simpler and exact. Its optimizer and schedule are checkpointed in ``state.pt``; its logs
+    (``gan_d``, ``logits_real``, ``logits_fake``) join the run's scalars.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
@@ -78,6 +95,12 @@ class Trainer:
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
+        self.criterion: nn.Module | None = None
+        self.disc_optimizer: torch.optim.Optimizer | None = None
+        self.disc_scheduler = None
+        if isinstance(loss_fn, nn.Module):
+            self.criterion = loss_fn.to(self.device)
+            self._build_discriminator_optimizer(self.criterion, cfg)
         self.step = 0
         self.start_step = 0
         self._ddp: DistributedDataParallel | None = None
@@ -90,6 +113,24 @@ class Trainer:
         # after the DDP wrap, which copies rank 0's weights to every rank, so all EMAs start equal
         self.ema = make_ema(self.model)
         self.train_module = torch.compile(module) if cfg.compile else module
+
+    def _build_discriminator_optimizer(self, criterion: nn.Module, cfg: TrainConfig) -> None:
+        if not callable(getattr(criterion, "discriminator_loss", None)):
+            return
+        if callable(getattr(criterion, "discriminator_parameters", None)):
+            params = [p for p in criterion.discriminator_parameters() if p.requires_grad]
+        else:
+            params = [p for p in criterion.parameters() if p.requires_grad]
+        if not params:
+            return
+        optim_cfg = None
+        if callable(getattr(criterion, "discriminator_optim_config", None)):
+            optim_cfg = criterion.discriminator_optim_config()
+        if optim_cfg is None:
+            optim_cfg = OptimConfig(lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, schedule="constant")
+        self._disc_params = params
+        self.disc_optimizer = build_optimizer(params, optim_cfg)
+        self.disc_scheduler = build_scheduler(self.disc_optimizer, optim_cfg, cfg.steps)
 
     # ------------------------------------------------------------------ run dir / resume
     def config_record(self) -> dict[str, Any]:
@@ -119,7 +160,8 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Load model, EMA, optimizer, scheduler and step from a checkpoint folder (RNG left to the caller)."""
         state = load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                                scheduler=self.scheduler, device=self.device)
+                                scheduler=self.scheduler, device=self.device, criterion=self.criterion,
+                                disc_optimizer=self.disc_optimizer, disc_scheduler=self.disc_scheduler)
         self.step = int(state["step"])
         return state
 
@@ -134,7 +176,8 @@ class Trainer:
             return None
         path = save_checkpoint(checkpoint_path(self.run_dir, self.step), step=self.step, model=self.model,
                                ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler, rng=rngs,
-                               world_size=self.world_size)
+                               world_size=self.world_size, criterion=self.criterion,
+                               disc_optimizer=self.disc_optimizer, disc_scheduler=self.disc_scheduler)
         prune_checkpoints(self.run_dir, self.cfg.keep_last)
         return path
 
@@ -185,6 +228,8 @@ class Trainer:
         cfg = self.cfg
         accum = cfg.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
+        if self.disc_optimizer is not None and hasattr(self.criterion, "clear_discriminator_batches"):
+            self.criterion.clear_discriminator_batches()
         loss_total = torch.zeros((), device=self.device)
         log_totals: dict[str, Any] = {}
         for micro in range(accum):
@@ -209,7 +254,44 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         ema_update(self.ema, self.model, cfg.ema_decay)
+        if self.disc_optimizer is not None:
+            log_totals.update(self._discriminator_step())
         return loss_total, log_totals, grad_norm
+
+    def _discriminator_step(self) -> dict[str, Any]:
+        """One discriminator step on the micro-batches of the generator step just taken (see the class doc)."""
+        crit = self.criterion
+        # one remembered (x, recon) pair per micro-batch, normally; every pair weighs the same
+        pending = getattr(crit, "pending_discriminator_batches", None)
+        accum = pending() if callable(pending) else self.cfg.grad_accum
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        logs_total: dict[str, Any] = {}
+        done = 0
+        for _ in range(accum):
+            with autocast_context(self.device, self.cfg.precision):
+                out = crit.discriminator_loss(self.step)
+            if out is None:
+                break
+            loss, logs = out
+            (loss / accum).backward()
+            done += 1
+            for key, value in (logs or {}).items():
+                v = value.detach().float() if torch.is_tensor(value) else float(value)
+                logs_total[key] = logs_total.get(key, 0.0) + v / accum
+        if hasattr(crit, "clear_discriminator_batches"):
+            crit.clear_discriminator_batches()
+        if done:  # every process takes the same number of micro-batches, so the collective matches
+            if distributed.is_distributed():
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._disc_params]
+                flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / self.world_size
+                offset = 0
+                for p in self._disc_params:
+                    n = p.numel()
+                    p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+                    offset += n
+            self.disc_optimizer.step()
+            self.disc_scheduler.step()  # counts discriminator steps: a warm-up starts with the discriminator
+        return logs_total
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -225,8 +307,11 @@ class Trainer:
         try:
             with torch.no_grad(), autocast_context(self.device, self.cfg.precision):
                 images = self.image_fn(self.model, self.step)
+            nrow = None
+            if isinstance(images, (tuple, list)):  # (images, images per grid row)
+                images, nrow = images
             if images is not None:
-                logger.images(self.step, images, tag="images")
+                logger.images(self.step, images, tag="images", nrow=nrow)
         finally:
             self.model.train(was_training)
             restore_rng(rng)

@@ -110,8 +110,9 @@ class RunLogger:
             self._console.print(f"step {step}/{self.total_steps}  {text}", markup=False, highlight=False,
                                 soft_wrap=True)
 
-    def images(self, step: int, images: torch.Tensor, tag: str = "images") -> None:
-        """Log a grid of images in [-1, 1] (TensorBoard and ``run_dir/images/<tag>_<step>.png``)."""
+    def images(self, step: int, images: torch.Tensor, tag: str = "images", nrow: int | None = None) -> None:
+        """Log a grid of images in [-1, 1] (TensorBoard and ``run_dir/images/<tag>_<step>.png``),
+        ``nrow`` per row (default: a square-ish grid)."""
         if not self.enabled or images is None:
             return
         from torchvision.utils import make_grid, save_image
@@ -119,7 +120,7 @@ class RunLogger:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"image_fn must return a [B, 3, H, W] tensor, got shape {tuple(images.shape)}")
         grid = make_grid(((images.detach().float().cpu().clamp(-1, 1) + 1) / 2),
-                         nrow=max(1, math.ceil(math.sqrt(images.shape[0]))))
+                         nrow=int(nrow) if nrow else max(1, math.ceil(math.sqrt(images.shape[0]))))
         if self._writer is not None:
             self._writer.add_image(tag, grid, step)
             self._writer.flush()

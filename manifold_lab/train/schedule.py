@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -42,10 +43,12 @@ class WarmupDecay:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: matrices/kernels decay, 1-D tensors (norms, biases) do not."""
+def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Trainable parameters (of a module, or given) in two groups: matrices/kernels decay, 1-D tensors
+    (norms, biases) do not."""
     decay, no_decay = [], []
-    for param in model.parameters():
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    for param in params:
         if not param.requires_grad:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
@@ -59,7 +62,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module | Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
 
 

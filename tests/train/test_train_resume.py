@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from manifold_lab.io import load_tensors
@@ -18,20 +19,23 @@ SCRIPT = Path(__file__).with_name("train_toy.py")
 STEPS = 24  # train_toy.resume_config().steps
 
 
-def command(run_dir: Path) -> list[str]:
-    return [sys.executable, str(SCRIPT), "resume", str(run_dir), "0.05"]  # 0.05 s per micro-batch: killable
+def command(run_dir: Path, kind: str = "toy") -> list[str]:
+    return [sys.executable, str(SCRIPT), "resume", str(run_dir), "0.05", kind]  # 0.05 s per micro-batch: killable
 
 
-def run_to_end(run_dir: Path) -> str:
-    out = subprocess.run(command(run_dir), capture_output=True, text=True, timeout=120)
+def run_to_end(run_dir: Path, kind: str = "toy") -> str:
+    out = subprocess.run(command(run_dir, kind), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
 
-def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("kind", ["toy", "gan"])
+def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path, kind):
+    """``gan``: a GAN criterion (discriminator from step 2, noisy inputs): its discriminator, optimizer
+    and schedule come back from the checkpoint too."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    reference = subprocess.Popen(command(ref_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference = subprocess.Popen(command(ref_dir, kind), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(command(run_dir, kind), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     while not list_checkpoints(run_dir) and time.time() < deadline and victim.poll() is None:
         time.sleep(0.02)
@@ -41,14 +45,15 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path):
     steps_done = [s for s, _ in list_checkpoints(run_dir)]
     assert steps_done and max(steps_done) < STEPS, steps_done  # really killed mid-run
 
-    out = run_to_end(run_dir)
+    out = run_to_end(run_dir, kind)
     start = int(out.split("start_step=")[1].split()[0])
     assert start == max(steps_done) and 0 < start < STEPS
     ref_out, ref_err = reference.communicate(timeout=120)
     assert reference.returncode == 0, ref_err[-2000:]
     assert "start_step=0" in ref_out
 
-    for name in ("model.safetensors", "ema.safetensors"):
+    names = ["model.safetensors", "ema.safetensors"] + (["criterion.safetensors"] if kind == "gan" else [])
+    for name in names:
         a = load_tensors(checkpoint_path(ref_dir, STEPS) / name)
         b = load_tensors(checkpoint_path(run_dir, STEPS) / name)
         assert a.keys() == b.keys()
@@ -56,8 +61,10 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path):
             assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
     sa = torch.load(checkpoint_path(ref_dir, STEPS) / "state.pt", weights_only=True)
     sb = torch.load(checkpoint_path(run_dir, STEPS) / "state.pt", weights_only=True)
-    for pid, st in sa["optimizer"]["state"].items():
-        for key, value in st.items():
-            assert torch.equal(value, sb["optimizer"]["state"][pid][key])
+    for opt in ["optimizer"] + (["disc_optimizer"] if kind == "gan" else []):
+        assert sa[opt]["state"]
+        for pid, st in sa[opt]["state"].items():
+            for key, value in st.items():
+                assert torch.equal(value, sb[opt]["state"][pid][key])
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written left

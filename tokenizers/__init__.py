@@ -31,6 +31,7 @@ from manifold_lab.tokenizers import vavae  # noqa: F401,E402  (registers "vavae"
 from manifold_lab.tokenizers import ul  # noqa: F401,E402  (registers "ul")
 from manifold_lab.tokenizers import rae  # noqa: F401,E402  (registers "rae")
 from manifold_lab.tokenizers import svg  # noqa: F401,E402  (registers "svg")
+from manifold_lab.tokenizers import pae  # noqa: F401,E402  (registers "pae")
 from manifold_lab.tokenizers.training import (
     DataSection,
     TokenizerRecipe,

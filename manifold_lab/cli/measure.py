@@ -13,7 +13,7 @@ from manifold_lab.config import load_config
 from manifold_lab.distributed import init_from_env, is_main_process
 from manifold_lab.errors import ManifoldLabError
 
-DEFAULT_TOKENIZER = "vae"  # becomes "pae" when the PAE tokenizer lands
+DEFAULT_TOKENIZER = "pae"  # the headline tokenizer of the PAE paper
 
 
 @app.command()

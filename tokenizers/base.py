@@ -298,6 +298,31 @@ class TokenizerBase(nn.Module, ABC):
         })
 
 
+class FixedGridTokenizer(TokenizerBase):
+    """A tokenizer built on a frozen encoder's token grid (RAE, SVG, PAE): exactly one image size in,
+    exactly one latent shape (C, h, w) out, since the VFM grid and the decoder's patch grid are fixed.
+
+    Subclasses set ``grid_note`` (why the size is fixed) for the error messages.
+    """
+
+    grid_note: str = "the frozen encoder's fixed token grid"
+
+    def supports_resolution(self, size: int) -> bool:
+        return int(size) == self.image_size
+
+    def resolution_rule(self) -> str:
+        return f"only {self.image_size}x{self.image_size} ({self.grid_note})"
+
+    def check_latents(self, z: torch.Tensor) -> None:
+        ok = (isinstance(z, torch.Tensor) and z.ndim == 4 and tuple(z.shape[1:]) == self.latent_shape
+              and z.is_floating_point())
+        if not ok:
+            c, h, w = self.latent_shape
+            raise ManifoldLabError(
+                f"{self.name}: decode expects (B,{c},{h},{w}) float latents (from encode), got {_describe(z)}"
+            )
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         kind = "" if x.is_floating_point() else f" {str(x.dtype).replace('torch.', '')}"

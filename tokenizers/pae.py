@@ -83,7 +83,7 @@ from torch import nn
 
 from manifold_lab.errors import ConfigError
 from manifold_lab.nn.vit import ViTDecoder, sincos_pos_embed, to_grid, to_tokens
-from manifold_lab.tokenizers.base import TokenizerBase
+from manifold_lab.tokenizers.base import FixedGridTokenizer
 from manifold_lab.tokenizers.losses import (ReconstructionLoss, TokenizerCriterion, batch_images,
                                             perceptual_distance)
 from manifold_lab.tokenizers.pae_targets import SemanticProjector, TargetConfig, structural_target
@@ -411,10 +411,11 @@ class MAEDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # the tokenizer
 # ----------------------------------------------------------------------------------------------
-class PAE(TokenizerBase):
+class PAE(FixedGridTokenizer):
     """Prior-Aligned AutoEncoder: frozen VFM + DAM -> compressor -> RMS-normalised latent -> decoder."""
 
     name = "pae"
+    grid_note = "fixed VFM grid and ViT decoder"
 
     def __init__(self, config: PAEConfig | None = None) -> None:
         from manifold_lab.encoders import TimmViTEncoder
@@ -524,15 +525,6 @@ class PAE(TokenizerBase):
                 self.fuse.bias.zero_()
 
     # ----- resolution: the VFM input and the decoder grid are fixed ----------------------------
-    def supports_resolution(self, size: int) -> bool:
-        return int(size) == self.image_size
-
-    def resolution_rule(self) -> str:
-        return f"only {self.image_size}x{self.image_size} (fixed VFM grid and ViT decoder)"
-
-    def latent_size(self, size: int) -> int:
-        return int(size) // self.downsample
-
     def last_layer(self) -> nn.Parameter:
         return self.decoder.last_layer()
 

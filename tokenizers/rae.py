@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from manifold_lab.errors import ConfigError, ManifoldLabError
 from manifold_lab.nn import ViTDecoder, to_tokens, unpatchify
-from manifold_lab.tokenizers.base import TokenizerBase
+from manifold_lab.tokenizers.base import FixedGridTokenizer
 from manifold_lab.tokenizers.losses import ReconstructionLoss, TokenizerCriterion, batch_images
 from manifold_lab.tokenizers.registry import TokenizerSpec, register_tokenizer
 from manifold_lab.train.gan import GANConfig
@@ -225,10 +225,11 @@ class MAEStyleDecoder(nn.Module):
 
 
 # ----- the tokenizer ---------------------------------------------------------------------------------
-class RAE(TokenizerBase):
+class RAE(FixedGridTokenizer):
     """Frozen VFM tokens, per-element normalised, decoded by a trained ViT."""
 
     name = "rae"
+    grid_note = "the decoder's fixed patch grid"
 
     def __init__(self, config: RAEConfig | None = None) -> None:
         config = config if config is not None else RAEConfig()
@@ -257,24 +258,6 @@ class RAE(TokenizerBase):
         self.register_buffer("latent_mean", torch.zeros(shape))
         self.register_buffer("latent_var", torch.ones(shape))
         self.register_buffer("latent_stats_images", torch.zeros((), dtype=torch.long))
-
-    # ----- resolution: the decoder emits exactly image_size pixels ---------------------------------
-    def supports_resolution(self, size: int) -> bool:
-        return int(size) == self.image_size
-
-    def resolution_rule(self) -> str:
-        return f"only {self.image_size}x{self.image_size} (the decoder's fixed patch grid)"
-
-    def latent_size(self, size: int) -> int:
-        return self.grid[0]
-
-    def check_latents(self, z: torch.Tensor) -> None:
-        ok = isinstance(z, torch.Tensor) and z.ndim == 4 and tuple(z.shape[1:]) == self.latent_shape \
-            and z.is_floating_point()
-        if not ok:
-            c, h, w = self.latent_shape
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ManifoldLabError(f"{self.name}: decode expects (B,{c},{h},{w}) float latents (from encode), got {shape}")
 
     # ----- per-element normalisation ---------------------------------------------------------------
     @property

@@ -63,9 +63,9 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from manifold_lab.errors import ConfigError, ManifoldLabError
+from manifold_lab.errors import ConfigError
 from manifold_lab.nn import to_grid
-from manifold_lab.tokenizers.base import TokenizerBase
+from manifold_lab.tokenizers.base import FixedGridTokenizer
 from manifold_lab.tokenizers.losses import ReconstructionLoss, TokenizerCriterion, batch_images
 from manifold_lab.tokenizers.rae import build_frozen_encoder
 from manifold_lab.tokenizers.registry import TokenizerSpec, register_tokenizer
@@ -171,10 +171,11 @@ def match_distribution(residual: torch.Tensor, stats: torch.Tensor) -> torch.Ten
     return (residual - m_r) / (s_r + MATCH_EPS) * s_f + m_f
 
 
-class SVG(TokenizerBase):
+class SVG(FixedGridTokenizer):
     """Frozen VFM tokens + distribution-matched residual channels, LDM conv decoder."""
 
     name = "svg"
+    grid_note = "the residual encoder's fixed patch grid"
 
     def __init__(self, config: SVGConfig | None = None) -> None:
         config = config if config is not None else SVGConfig()
@@ -206,23 +207,6 @@ class SVG(TokenizerBase):
             ch_mult=config.decoder_ch_mult, num_res_blocks=config.decoder_res_blocks,
             mid_attention=config.decoder_mid_attention, z_channels=z_channels,
             norm_groups=config.decoder_norm_groups))
-
-    def supports_resolution(self, size: int) -> bool:
-        return int(size) == self.image_size
-
-    def resolution_rule(self) -> str:
-        return f"only {self.image_size}x{self.image_size} (the residual encoder's fixed patch grid)"
-
-    def latent_size(self, size: int) -> int:
-        return self.grid[0]
-
-    def check_latents(self, z: torch.Tensor) -> None:
-        ok = isinstance(z, torch.Tensor) and z.ndim == 4 and tuple(z.shape[1:]) == self.latent_shape \
-            and z.is_floating_point()
-        if not ok:
-            c, h, w = self.latent_shape
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ManifoldLabError(f"{self.name}: decode expects (B,{c},{h},{w}) float latents (from encode), got {shape}")
 
     # ----- the two branches ------------------------------------------------------------------------
     def residual_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ from manifold_lab.tokenizers.losses import ReconstructionLoss, TokenizerCriterio
 from manifold_lab.tokenizers.registry import TokenizerSpec, register_tokenizer
 from manifold_lab.tokenizers.ul_diffusion import (SCHEDULES, LogSNRSchedule, alpha_sigma, expand,
                                                   low_discrepancy_times, prior_elbo_weight, sigmoid_elbo_weight,
-                                                  terminal_kl, v_to_eps, v_to_x)
+                                                  terminal_kl, v_to_x)
 from manifold_lab.tokenizers.vae import AttnBlock, Downsample, Encoder, Upsample, VAEConfig, _norm
 from manifold_lab.train.gan import GANConfig
 

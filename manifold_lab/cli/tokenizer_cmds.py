@@ -60,3 +60,30 @@ def train_tokenizer_cmd(
     if distributed.is_main_process():
         typer.echo(f"trained {tok.name}: latent shape {tuple(tok.latent_shape)}; tokenizer saved in {saved} "
                    f"(measure it with: manifold-lab measure --checkpoint {saved})")
+
+
+@app.command("convert-tokenizer")
+def convert_tokenizer_cmd(
+    converter: str = typer.Argument(..., help="Converter: vavae, vae-ldm, rae or pae."),
+    src: Path = typer.Argument(..., help="The released checkpoint file (.pt/.pth/.safetensors)."),
+    dst: Path = typer.Argument(..., help="Output tokenizer folder (model.safetensors + config.json)."),
+    option: list[str] = typer.Option([], "--option", help="Converter option key=value (e.g. stats=stat.pt, "
+                                     "encoder_weights=dinov2.pth, image_size=256); YAML-typed values."),
+) -> None:
+    """Convert an official released checkpoint into a manifold-lab tokenizer folder (then `measure --checkpoint`)."""
+    import yaml
+
+    from manifold_lab.errors import ConfigError
+    from manifold_lab.tokenizers.convert import convert_checkpoint
+
+    options = {}
+    for text in option:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option must be key=value, got {text!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    if not src.is_file():
+        raise ConfigError(f"released checkpoint not found: {src}")
+    tok = convert_checkpoint(converter, src, dst, **options)
+    typer.echo(f"converted {src} with '{converter}': {tok.name}, latent shape {tuple(tok.latent_shape)}; saved in {dst} "
+               f"(measure it with: manifold-lab measure --checkpoint {dst})")

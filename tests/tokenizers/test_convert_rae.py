@@ -170,3 +170,23 @@ def test_bad_files_fail_in_one_line(tmp_path, damage) -> None:
     with pytest.raises(CheckpointError) as info:
         get_converter("rae")(tmp_path / "model.pt", stats=tmp_path / "stat.pt", **opts)
     assert "\n" not in str(info.value)
+
+
+def test_convert_tokenizer_command(files, tmp_path) -> None:
+    """`manifold-lab convert-tokenizer rae SRC DST --option ...` writes a loadable tokenizer folder;
+    a missing source file is one error line with exit code 2."""
+    import subprocess
+    import sys
+
+    from manifold_lab.tokenizers import load_tokenizer
+
+    folder, _, _ = files
+    cmd = [sys.executable, "-m", "manifold_lab.cli", "convert-tokenizer", "rae", str(folder / "model.pt"),
+           str(tmp_path / "converted"), "--option", f"stats={folder / 'stat.pt'}", "--option", "encoder=mobilenet_v2",
+           "--option", "encoder_input_size=null", "--option", f"num_heads={HEADS}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "converted" in res.stdout and load_tokenizer(tmp_path / "converted").name == "rae"
+    bad = subprocess.run(cmd[:5] + [str(tmp_path / "nope.pt"), str(tmp_path / "x")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "not found" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -292,7 +292,7 @@ def test_recipes_load():
     from manifold_lab.measure.compare import load_comparison
 
     ablation = load_comparison(Path(__file__).resolve().parents[2] / "reports" / "pae_ablation" / "variants.yaml")
-    expected = {"none": set(), "SSR": {"ssr"}, "MCR": {"mcr"}, "SCR": {"scr"}, "all": {"ssr", "mcr", "scr"}}
+    expected = {"no regulariser": set(), "SSR": {"ssr"}, "MCR": {"mcr"}, "SCR": {"scr"}, "all": {"ssr", "mcr", "scr"}}
     assert [v.label for v in ablation.variants] == list(expected)
     for variant in ablation.variants:
         r = load_recipe("pae", None, variant.set)

@@ -307,6 +307,15 @@ class FixedGridTokenizer(TokenizerBase):
 
     grid_note: str = "the frozen encoder's fixed token grid"
 
+    @staticmethod
+    def grid_patch(name: str, image_size: int, grid: tuple[int, int], what: str = "the encoder's token grid") -> int:
+        """Pixels per token side for ``image_size`` images on a square ``grid``; a ConfigError line otherwise."""
+        gh, gw = int(grid[0]), int(grid[1])
+        if gh != gw or int(image_size) % gh:
+            raise ConfigError(f"{name}: image_size {image_size} is not a multiple of {what} {gh}x{gw}; "
+                              "pick image_size = grid * patch (or another encoder_input_size)")
+        return int(image_size) // gh
+
     def supports_resolution(self, size: int) -> bool:
         return int(size) == self.image_size
 

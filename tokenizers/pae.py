@@ -423,10 +423,7 @@ class PAE(FixedGridTokenizer):
         cfg = config if config is not None else PAEConfig()
         vfm = self._build_vfm(cfg)
         grid = tuple(int(g) for g in vfm.grid_size)
-        if grid[0] != grid[1] or cfg.image_size % grid[0]:
-            raise ConfigError(f"pae: image_size {cfg.image_size} is not a multiple of the VFM grid "
-                              f"{grid[0]}x{grid[1]} ({cfg.encoder}); change image_size or encoder_input_size")
-        patch = cfg.image_size // grid[0]
+        patch = self.grid_patch("pae", cfg.image_size, grid, what=f"the VFM grid ({cfg.encoder})")
         super().__init__(cfg, cfg.image_size, cfg.in_channels, cfg.z_channels, downsample=patch)
         self.grid, self.patch = grid, patch
         d = int(vfm.embed_dim)

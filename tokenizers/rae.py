@@ -236,10 +236,7 @@ class RAE(FixedGridTokenizer):
         enc = build_frozen_encoder(config.encoder, config.encoder_weights, config.encoder_input_size,
                                    config.final_norm_affine)
         gh, gw = enc.grid_size
-        if gh != gw or config.image_size % gh:
-            raise ConfigError(f"rae: image_size {config.image_size} is not a multiple of the encoder's "
-                              f"{gh}x{gw} token grid; pick image_size = grid * decoder patch")
-        patch = config.image_size // gh
+        patch = self.grid_patch("rae", config.image_size, (gh, gw))
         super().__init__(config, config.image_size, config.in_channels, enc.embed_dim, downsample=patch)
         self.attach_frozen("encoder", enc)
         self.grid = (gh, gw)

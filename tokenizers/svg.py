@@ -182,10 +182,7 @@ class SVG(FixedGridTokenizer):
         enc = build_frozen_encoder(config.encoder, config.encoder_weights, config.encoder_input_size,
                                    config.final_norm_affine)
         gh, gw = enc.grid_size
-        if gh != gw or config.image_size % gh:
-            raise ConfigError(f"svg: image_size {config.image_size} is not a multiple of the encoder's "
-                              f"{gh}x{gw} token grid")
-        patch = config.image_size // gh
+        patch = self.grid_patch("svg", config.image_size, (gh, gw))
         up = 2 ** (len(config.decoder_ch_mult) - 1)
         if up != patch:
             raise ConfigError(f"svg: the decoder upsamples x{up} (len(decoder_ch_mult) - 1 stages) but image_size "

@@ -175,3 +175,19 @@ class TokenizerCriterion(nn.Module):
 
     def discriminator_optim_config(self) -> OptimConfig | None:
         return self.recon.discriminator_optim_config()
+
+
+class ReconstructionCriterion(TokenizerCriterion):
+    """The whole objective of tokenizers trained by reconstruction alone (RAE, SVG): ``model(x)`` returns
+    the reconstruction, scored by :class:`ReconstructionLoss` with the config's ``l1_weight``,
+    ``perceptual_weight``, ``perceptual_name`` and ``gan`` (adaptive weight at ``last_layer()``)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(ReconstructionLoss(config.l1_weight, config.perceptual_weight, config.perceptual_name,
+                                            gan=config.gan))
+
+    def forward(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from manifold_lab.train import unwrap_model
+
+        x = batch_images(batch)
+        return self.recon(x, model(x), step, last_layer=unwrap_model(model).last_layer())

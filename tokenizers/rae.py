@@ -72,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from manifold_lab.errors import ConfigError, ManifoldLabError
 from manifold_lab.nn import ViTDecoder, to_tokens, unpatchify
 from manifold_lab.tokenizers.base import FixedGridTokenizer
-from manifold_lab.tokenizers.losses import ReconstructionLoss, TokenizerCriterion, batch_images
+from manifold_lab.tokenizers.losses import ReconstructionCriterion, batch_images
 from manifold_lab.tokenizers.registry import TokenizerSpec, register_tokenizer
 from manifold_lab.train.gan import GANConfig
 
@@ -340,19 +340,8 @@ class RAE(FixedGridTokenizer):
         return math.sqrt(self.shift_dim() / base)
 
 
-class RAECriterion(TokenizerCriterion):
-    """L1 + LPIPS (+ adaptive GAN) on the reconstruction of noise-augmented latents."""
-
-    def __init__(self, config: RAEConfig) -> None:
-        super().__init__(ReconstructionLoss(config.l1_weight, config.perceptual_weight, config.perceptual_name,
-                                            gan=config.gan))
-
-    def forward(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from manifold_lab.train import unwrap_model
-
-        x = batch_images(batch)
-        recon = model(x)
-        return self.recon(x, recon, step, last_layer=unwrap_model(model).last_layer())
+#: L1 + LPIPS (+ adaptive GAN) on the reconstruction of noise-augmented latents (the noise is in RAE.forward).
+RAECriterion = ReconstructionCriterion
 
 
 # ----- the per-element statistics stage (runs before training) --------------------------------------

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from timm.models.vision_transformer import Block
@@ -66,7 +66,7 @@ from torch import nn
 from manifold_lab.errors import ConfigError
 from manifold_lab.nn import to_grid
 from manifold_lab.tokenizers.base import FixedGridTokenizer
-from manifold_lab.tokenizers.losses import ReconstructionLoss, TokenizerCriterion, batch_images
+from manifold_lab.tokenizers.losses import ReconstructionCriterion
 from manifold_lab.tokenizers.rae import build_frozen_encoder
 from manifold_lab.tokenizers.registry import TokenizerSpec, register_tokenizer
 from manifold_lab.tokenizers.vae import Decoder, VAEConfig
@@ -253,19 +253,8 @@ class SVG(FixedGridTokenizer):
         return self.decoder.conv_out.weight
 
 
-class SVGCriterion(TokenizerCriterion):
-    """L1 + LPIPS (+ adaptive GAN) on the reconstruction."""
-
-    def __init__(self, config: SVGConfig) -> None:
-        super().__init__(ReconstructionLoss(config.l1_weight, config.perceptual_weight, config.perceptual_name,
-                                            gan=config.gan))
-
-    def forward(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from manifold_lab.train import unwrap_model
-
-        x = batch_images(batch)
-        recon = model(x)
-        return self.recon(x, recon, step, last_layer=unwrap_model(model).last_layer())
+#: L1 + LPIPS (+ adaptive GAN) on the reconstruction.
+SVGCriterion = ReconstructionCriterion
 
 
 SVG_SPEC = register_tokenizer(TokenizerSpec(

@@ -180,7 +180,9 @@ def train_tokenizer(name: str, config_path: str | Path | None = None, overrides:
     recipe = load_recipe(name, config_path, overrides)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / "tokenizers" / name
     save_dir = Path(save_dir) if save_dir is not None else run_dir / "tokenizer"
-    model = spec.build(recipe.model)
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
+        torch.manual_seed(recipe.train.seed)
+        model = spec.build(recipe.model)
     if not isinstance(model, TokenizerBase):
         raise ManifoldLabError(f"tokenizer '{name}': build() must return a TokenizerBase to be trained and saved here")
     dataset = build_training_dataset(recipe.data)

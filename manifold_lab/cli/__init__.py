@@ -26,6 +26,7 @@ err_console = Console(stderr=True)
 from manifold_lab.cli import measure as _measure  # noqa: E402,F401  (registers commands)
 from manifold_lab.cli import tokenizer_cmds as _tok  # noqa: E402,F401
 from manifold_lab.cli import compare as _compare  # noqa: E402,F401
+from manifold_lab.cli import diffusion_cmds as _diffusion  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,11 +42,25 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        click_error, abort = _click_exception_types()
+        if isinstance(exc, click_error):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             sys.exit(1)
         raise
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's ClickException and Abort classes: typer >= 0.25 vendors click as ``typer._click``."""
+    errors: list[type] = []
+    aborts: list[type] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = __import__(module, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        for found, name in ((errors, "ClickException"), (aborts, "Abort")):
+            if isinstance(getattr(mod, name, None), type):
+                found.append(getattr(mod, name))
+    return tuple(errors), tuple(aborts)

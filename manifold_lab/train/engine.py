@@ -194,7 +194,7 @@ class Trainer:
         samples_per_step = cfg.batch_size * cfg.grad_accum * self.world_size
         self.model.train()
         sums: dict[str, Any] = {}
-        count = 0
+        counts: dict[str, int] = {}
         logger = RunLogger(self.run_dir, cfg.steps, self.start_step, enabled=self.is_main,
                            tensorboard=cfg.tensorboard, progress=self.progress)
         with logger:
@@ -202,21 +202,22 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss, logs, grad_norm = self._train_step(loader)
                 self.step += 1
-                count += 1
-                for key, value in {"loss": loss, **logs}.items():
+                for key, value in {"loss": loss, **logs}.items():  # a key may be absent on some steps
                     value = value.detach().float() if torch.is_tensor(value) else float(value)
                     sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
                 if grad_norm is not None:
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
+                    counts["grad_norm"] = counts.get("grad_norm", 0) + 1
                 logger.advance(self.step)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last:
-                    values = {k: float(v) / count for k, v in sums.items()}
+                    values = {k: float(v) / counts[k] for k, v in sums.items()}
                     self._check_finite(values["loss"])
                     values["lr"] = lr
                     values["epoch"] = self.step * samples_per_step / len(self.dataset)
                     logger.scalars(self.step, values)
-                    sums, count = {}, 0
+                    sums, counts = {}, {}
                 if self.step % cfg.ckpt_every == 0 or last:
                     self._check_finite(float(loss))
                     self.save_checkpoint()

@@ -13,10 +13,14 @@ measures, in one process and side by side:
   * eval-mode forward throughput (samples per second per network evaluation, no grad): what one
     sampler step costs (a CFG step evaluates 2x the batch).
 
-The matmul peak is the best of several large (fp32, or bf16 with ``--amp bf16``) ``n x n`` matmuls (``2 n^3`` FLOPs each) with the
-same thread count. Variants are timed in interleaved rounds (A, B, C, A, B, C, ...) and each reports
-its median round, so background load on a shared machine hits them alike; the load average is
-printed. Runs on CUDA when available (``--device``), with ``--amp bf16`` for autocast.
+The matmul peak is the best of several large (fp32, or bf16 with ``--amp bf16``) ``n x n`` matmuls
+(``2 n^3`` FLOPs each) with the same thread count, measured again in every timing round; fractions use
+the median of those rounds, so a busy machine lowers peak and model alike. Variants are timed in
+interleaved rounds (A, B, C, A, B, C, ...) and each reports its median round, so background load hits
+them alike; the load average is printed. On a shared CPU, multi-threaded kernels suffer from
+oversubscription far more than one large matmul (many small parallel regions wait on a busy core):
+compare with ``--threads 1`` there. Runs on CUDA when available (``--device``), with ``--amp bf16``
+for autocast.
 
     python benchmarks/bench_dit_train.py [--sizes T,B] [--batch 64,8] [--latent 8x8x8] [--rounds 3]
         [--steps 5] [--threads N] [--no-compile] [--device auto] [--amp none]
@@ -103,7 +107,7 @@ class Runner:
         return steps * self.batch / (time.perf_counter() - t0)
 
 
-def bench_size(size: str, batch: int, shape: tuple[int, int, int], args, device, amp, peak: float) -> None:
+def bench_size(size: str, batch: int, shape: tuple[int, int, int], args, device, amp, peak_dtype: torch.dtype) -> None:
     c, h, w = shape
     cfg = DiTConfig(size=size, patch_size=1)
     dims = cfg.dims()
@@ -137,23 +141,32 @@ def bench_size(size: str, batch: int, shape: tuple[int, int, int], args, device,
             compile_note = f"compiled in {time.perf_counter() - t0:.1f} s"
             runners["train compiled, fused attention"] = r
         except Exception as exc:  # noqa: BLE001 - report and go on
-            compile_note = f"skipped: torch.compile failed here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            first = (str(exc).splitlines() or [""])[0][:160]
+            compile_note = f"skipped: torch.compile failed here ({type(exc).__name__}: {first})"
 
     for r in runners.values():  # warm-up (allocator, oneDNN/cuBLAS heuristics)
         for _ in range(args.warmup):
             r.step()
     rounds: dict[str, list[float]] = {k: [] for k in runners}
+    peaks: list[float] = []
     for _ in range(args.rounds):
+        peaks.append(matmul_peak(device, args.peak_n, repeats=3, dtype=peak_dtype))
         for name, r in runners.items():
             rounds[name].append(r.time_steps(args.steps))
     speed = {k: statistics.median(v) for k, v in rounds.items()}
+    peak = statistics.median(peaks)
 
-    print(f"{'variant':>34} | {'samples/s':>10} | {'ms/step':>8} | {'achieved GFLOP/s':>16} | {'of peak':>7}")
+    print(f"matmul peak measured in the same rounds: median {peak:.1f} GFLOP/s (rounds: "
+          f"{', '.join(f'{p:.0f}' for p in peaks)}); 'spread' = (max - min) / median over rounds")
+    print(f"{'variant':>34} | {'samples/s':>10} | {'ms/step':>8} | {'achieved GFLOP/s':>16} | {'of peak':>7} | "
+          f"{'spread':>6}")
     for name, sps in speed.items():
         mult = 3 if name.startswith("train") else 1
         gflops = mult * flops * sps / 1e9
         bsz = runners[name].batch
-        print(f"{name:>34} | {sps:>10.1f} | {1000 * bsz / sps:>8.1f} | {gflops:>16.1f} | {gflops / peak:>7.1%}")
+        spread = (max(rounds[name]) - min(rounds[name])) / sps
+        print(f"{name:>34} | {sps:>10.1f} | {1000 * bsz / sps:>8.1f} | {gflops:>16.1f} | {gflops / peak:>7.1%} | "
+              f"{spread:>6.0%}")
     ratio = speed["train eager, fused attention"] / speed["train eager, explicit attention"]
     print(f"fused / explicit attention (train step speed): {ratio:.2f}x")
     if "train compiled, fused attention" in speed:
@@ -205,10 +218,11 @@ def main() -> None:
           f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at start")
     peak_dtype = amp or torch.float32
     peak = matmul_peak(device, args.peak_n, repeats=5, dtype=peak_dtype)
-    print(f"{str(peak_dtype).removeprefix('torch.')} matmul peak ({args.peak_n}^3, best of 5): {peak:.1f} GFLOP/s")
+    dtype_name = str(peak_dtype).removeprefix("torch.")
+    print(f"{dtype_name} matmul peak ({args.peak_n}^3, best of 5) at start: {peak:.1f} GFLOP/s")
     t0 = time.perf_counter()
     for size, batch, shape in zip(sizes, batches, latents):
-        bench_size(size, batch, shape, args, device, amp, peak)
+        bench_size(size, batch, shape, args, device, amp, peak_dtype)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average at end {load[0]:.2f} / {load[1]:.2f} / "
           f"{load[2]:.2f}")

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from manifold_lab import distributed
-from manifold_lab.config import to_dict
 from manifold_lab.diffusion.config import GFIDRecipe
 from manifold_lab.errors import ManifoldLabError
 from manifold_lab.io import write_json, write_text

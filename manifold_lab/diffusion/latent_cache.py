@@ -31,48 +31,20 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from manifold_lab import distributed
 from manifold_lab.errors import ConfigError, ManifoldLabError
 from manifold_lab.io import load_tensors, save_tensors, write_json
+from manifold_lab.tokenizers.base import LatentStats
 
 META_FILE = "meta.json"
 FORMAT_NAME = "manifold-lab-latent-cache"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class LatentStatsRecord:
-    """Per-channel mean/std used to normalise the cached latents, and how they were obtained."""
-
-    mean: list[float]
-    std: list[float]
-    how: str
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._view(z)
-        return (z - mean) / std
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._view(z)
-        return z * std + mean
-
-    def _view(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if z.ndim != 4 or z.shape[1] != len(self.mean):
-            raise ManifoldLabError(f"latent statistics have {len(self.mean)} channels, got latents of shape "
-                                   f"{tuple(z.shape)}; use the cache made for this tokenizer")
-        shape = (1, -1, 1, 1)
-        return (torch.tensor(self.mean, dtype=z.dtype, device=z.device).view(shape),
-                torch.tensor(self.std, dtype=z.dtype, device=z.device).view(shape))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std), "how": self.how}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -262,10 +234,10 @@ def _encode_shard(tokenizer: Any, items: Dataset, batch_size: int, flip: bool, d
     return out
 
 
-def _stats(tokenizer: Any, out: Path, num_shards: int, stats_items: int) -> LatentStatsRecord:
+def _stats(tokenizer: Any, out: Path, num_shards: int, stats_items: int) -> LatentStats:
     own = getattr(tokenizer, "latent_stats", None)
     if own is not None and not _is_identity_stats(own):
-        return LatentStatsRecord(own.mean.tolist(), own.std.tolist(), f"the tokenizer's own: {own.how}")
+        return LatentStats(own.mean, own.std, f"the tokenizer's own: {own.how}")
     total = sq = None
     count = items = 0
     for k in range(num_shards):
@@ -280,7 +252,7 @@ def _stats(tokenizer: Any, out: Path, num_shards: int, stats_items: int) -> Late
         count += per_channel.shape[1]
     mean = total / count
     std = (sq / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
-    return LatentStatsRecord(mean.tolist(), std.tolist(),
+    return LatentStats(mean, std,
                              f"per-channel mean/std over the first {items:,} cached latents (the tokenizer had none)")
 
 
@@ -302,7 +274,7 @@ class LatentCache:
         if self.meta.get("format") != FORMAT_NAME:
             raise ManifoldLabError(f"{self.folder} is not a manifold-lab latent cache")
         s = self.meta["stats"]
-        self.stats = LatentStatsRecord(s["mean"], s["std"], s["how"])
+        self.stats = LatentStats(s["mean"], s["std"], s["how"])
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -344,8 +316,7 @@ class LatentDataset(Dataset):
         self.num_shards = int(self.cache.meta["num_shards"])
         c, h, w = self.cache.latent_shape
         nbytes = self.n * c * h * w * 4 * (2 if self.flip else 1)
-        self._mean, self._std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1)
-                                 for v in (self.cache.stats.mean, self.cache.stats.std))
+        self._mean, self._std = (v.view(-1, 1, 1) for v in (self.cache.stats.mean, self.cache.stats.std))
         self._handles: dict[int, Any] = {}
         self.latents: torch.Tensor | None = None
         labels = [load_tensors(_shard_path(self.cache.folder, k))["labels"] if nbytes <= max_memory_bytes
@@ -390,5 +361,5 @@ class LatentDataset(Dataset):
         return int(self.labels.max()) + 1
 
 
-__all__ = ["LatentCache", "LatentDataset", "LatentStatsRecord", "cache_latents", "tokenizer_fingerprint",
+__all__ = ["LatentCache", "LatentDataset", "cache_latents", "tokenizer_fingerprint",
            "dataset_key"]

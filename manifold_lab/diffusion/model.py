@@ -9,8 +9,8 @@ but wide transformer that re-reads ``x_t`` and is conditioned per token on the t
 Follows the reference
 ---------------------
 * DiT's adaLN-Zero block (SiLU + Linear(D, 6D) giving shift/scale/gate for attention and MLP), with
-  LightningDiT's options: RMSNorm pre-norms (no affine; LayerNorm without affine when ``rmsnorm=False``;
-  timm's ``RmsNormFp32``, which like LightningDiT's RMSNorm normalises in float32 under autocast),
+  LightningDiT's options: RMSNorm pre-norms (timm's ``RmsNormFp32``, which like LightningDiT's RMSNorm
+  normalises in float32 under autocast; LayerNorm without affine when ``rmsnorm=False``),
   qk-norm (a learnable RMSNorm / LayerNorm on each head's q and k), 2-D axial RoPE laid out like
   LightningDiT's ``VisionRotaryEmbeddingFast`` (first half of each head's dims rotated by the token's
   row, second half by its column, adjacent pairs rotated together, frequencies ``10000^(-2i/(d/2))``),
@@ -42,8 +42,11 @@ Our choices (where we differ from the references)
   ``1 + scale`` it is redundant). The qk-norms do keep theirs, as in LightningDiT.
 * Non-square latent grids are supported (the references assume square ones).
 * The absolute position embedding is timm's ``build_sincos2d_pos_embed`` (via
-  :func:`manifold_lab.nn.vit.sincos_pos_embed`); it is a non-persistent buffer, so state dicts hold
-  learnable weights only.
+  :func:`manifold_lab.nn.vit.sincos_pos_embed`): DiT's frequencies, channels in another order
+  (``[sin_x, sin_y, cos_x, cos_y]`` instead of ``[sin_w, cos_w, sin_h, cos_h]``), which a network
+  trained from scratch does not notice. It and the RoPE table are non-persistent buffers, so state
+  dicts hold learnable weights only. Module names differ from the references': their checkpoints do
+  not load as they are.
 """
 
 from __future__ import annotations
@@ -222,7 +225,8 @@ class DiTBlock(nn.Module):
         if cfg.swiglu:
             self.mlp = SwiGLUPacked(dim, hidden_features=2 * int(2 / 3 * cfg.mlp_ratio * dim))
         else:
-            self.mlp = Mlp(dim, hidden_features=int(cfg.mlp_ratio * dim), act_layer=partial(nn.GELU, approximate="tanh"))
+            gelu = partial(nn.GELU, approximate="tanh")
+            self.mlp = Mlp(dim, hidden_features=int(cfg.mlp_ratio * dim), act_layer=gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,7 +29,8 @@ import torch
 from manifold_lab import distributed
 from manifold_lab.diffusion.adm_npz import images_to_uint8, write_samples_npz
 from manifold_lab.diffusion.config import SampleSection
-from manifold_lab.diffusion.latent_cache import LatentStatsRecord, tokenizer_fingerprint
+from manifold_lab.diffusion.latent_cache import tokenizer_fingerprint
+from manifold_lab.tokenizers.base import LatentStats
 from manifold_lab.diffusion.samplers import balanced_labels, nfe, sample
 from manifold_lab.diffusion.train_dit import sample_seed
 from manifold_lab.errors import ManifoldLabError
@@ -68,7 +69,7 @@ def sample_dit(model: torch.nn.Module, meta: dict[str, Any], tokenizer: Any, cfg
     """Sample ``cfg.num_samples`` class-balanced latents, decode them and write the folder described above."""
     out = Path(out_dir)
     check_tokenizer(tokenizer, meta)
-    stats = LatentStatsRecord(**meta["latent_stats"])
+    stats = LatentStats(**meta["latent_stats"])
     latent_shape = tuple(int(v) for v in meta["latent_shape"])
     num_classes = int(meta["num_classes"])
     settings = _settings(cfg, meta, dit_dir)

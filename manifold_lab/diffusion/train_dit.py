@@ -28,10 +28,10 @@ from torch import nn
 from manifold_lab import distributed
 from manifold_lab.config import from_dict, to_dict
 from manifold_lab.diffusion.config import GFIDRecipe
-from manifold_lab.diffusion.latent_cache import LatentCache, LatentDataset, LatentStatsRecord
+from manifold_lab.diffusion.latent_cache import LatentCache, LatentDataset
 from manifold_lab.diffusion.model import DiTConfig, LightningDiT
 from manifold_lab.diffusion.transport import TransportConfig, resolve_shift, sample_t, velocity_loss
-from manifold_lab.errors import CheckpointError, ManifoldLabError
+from manifold_lab.errors import CheckpointError
 from manifold_lab.io import atomic_dir, load_tensors, save_tensors, write_json
 from manifold_lab.train import Trainer
 from manifold_lab.train.engine import unwrap_model
@@ -87,7 +87,7 @@ def build_dit(cfg: DiTConfig, latent_shape: tuple[int, int, int], num_classes: i
     return LightningDiT(cfg, in_channels=int(c), input_size=(int(h), int(w)), num_classes=int(num_classes))
 
 
-def _sample_grid(tokenizer: Any, stats: LatentStatsRecord, recipe: GFIDRecipe, latent_shape, num_classes: int):
+def _sample_grid(tokenizer: Any, stats: LatentStats, recipe: GFIDRecipe, latent_shape, num_classes: int):
     """An image_fn: one Euler-sampled image per class (fixed noise), decoded, for TensorBoard."""
     from manifold_lab.diffusion.samplers import SamplerConfig, sample
 

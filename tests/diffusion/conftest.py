@@ -25,8 +25,6 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every diffusion test runs with one torch thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(old)

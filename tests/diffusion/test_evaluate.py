@@ -22,14 +22,6 @@ from manifold_lab.metrics import frechet_distance
 MOBILE = EvalConfig(backbone="mobilenet_v2", device="cpu", batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class ToyBackbone(FIDBackbone):
     """A cheap stand-in network (12-d pooled colours + a fixed 5-class head) for the mechanics tests:
     with 12-d features the FID matrix square root is instant (MobileNet's 1280-d one takes seconds)."""

@@ -44,7 +44,7 @@ def test_cache_holds_latents_flips_labels_and_the_tokenizers_own_stats(tmp_path)
         torch.testing.assert_close(stored["latents"], tok.encode(data.x))
         torch.testing.assert_close(stored["latents_flip"], tok.encode(torch.flip(data.x, dims=[-1])))
     assert torch.equal(stored["labels"], data.y) and torch.equal(stored["index"], torch.arange(26))
-    assert cache.stats.how.startswith("the tokenizer's own") and cache.stats.std == [1.5, 2.0, 0.5, 1.0]
+    assert cache.stats.how.startswith("the tokenizer's own") and cache.stats.std.tolist() == [1.5, 2.0, 0.5, 1.0]
     ds = LatentDataset(cache)
     assert len(ds) == 52 and ds.num_classes == 3
     z, y, i = ds[30]  # a flipped item
@@ -63,9 +63,9 @@ def test_identity_stats_are_computed_from_the_cache(tmp_path):
     tok = tiny_tokenizer()  # untrained: identity statistics
     cache = cache_latents(tok, Toy(), tmp_path / "c", batch_size=8, shard_size=10, flip=False)
     z = cache.load()["latents"].double()
-    torch.testing.assert_close(torch.tensor(cache.stats.mean, dtype=torch.float64), z.mean(dim=(0, 2, 3)),
+    torch.testing.assert_close(cache.stats.mean.double(), z.mean(dim=(0, 2, 3)),
                                rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(cache.stats.std, dtype=torch.float64),
+    torch.testing.assert_close(cache.stats.std.double(),
                                z.transpose(0, 1).flatten(1).std(1, unbiased=False), rtol=1e-4, atol=1e-6)
     assert "cached latents" in cache.stats.how
     normed = LatentDataset(cache).latents

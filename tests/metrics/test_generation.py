@@ -12,12 +12,7 @@ from manifold_lab.metrics import MetricInputError
 from manifold_lab.metrics.generation import inception_score, knn_radii, precision_recall
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _brute_pr(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:

@@ -16,3 +16,5 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_ssc.py
 	$(VENV)/bin/python benchmarks/bench_gsq.py
 	$(VENV)/bin/python benchmarks/bench_measure.py
+	$(VENV)/bin/python benchmarks/bench_dit_train.py
+	$(VENV)/bin/python benchmarks/bench_sampling.py

@@ -17,13 +17,14 @@ The matmul peak is the best of several large (fp32, or bf16 with ``--amp bf16``)
 (``2 n^3`` FLOPs each) with the same thread count, measured again in every timing round; fractions use
 the median of those rounds, so a busy machine lowers peak and model alike. Variants are timed in
 interleaved rounds (A, B, C, A, B, C, ...) and each reports its median round, so background load hits
-them alike; the load average is printed. On a shared CPU, multi-threaded kernels suffer from
-oversubscription far more than one large matmul (many small parallel regions wait on a busy core):
-compare with ``--threads 1`` there. Runs on CUDA when available (``--device``), with ``--amp bf16``
+them alike; the load average is printed. Threads default to 1 (``--threads``): on a shared CPU,
+multi-threaded kernels suffer from oversubscription far more than one large matmul (each of the many
+small parallel regions waits for its slowest, descheduled thread; we saw 10x slower eager steps at
+2 threads on 2 busy cores), so only single-thread numbers are comparable between runs there. Runs on CUDA when available (``--device``), with ``--amp bf16``
 for autocast.
 
     python benchmarks/bench_dit_train.py [--sizes T,B] [--batch 64,8] [--latent 8x8x8] [--rounds 3]
-        [--steps 5] [--threads N] [--no-compile] [--device auto] [--amp none]
+        [--steps 5] [--threads 1] [--no-compile] [--device auto] [--amp none]
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
     ap.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1, as the repo's other benchmarks: stable on a shared machine)")
     ap.add_argument("--peak-n", type=int, default=2048, help="matrix size of the fp32 matmul peak")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -113,3 +113,21 @@ def test_unknown_recipe_key_is_refused(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "stepz" in err and "steps" in err
+
+
+def test_two_processes_split_the_chunks_and_draw_the_same_samples(chain, tiny_tokenizer_dir, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from dit_workers import ddp_sample
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_sample, args=(2, port, str(chain / "dit"), str(tiny_tokenizer_dir), str(tmp_path / "ddp")),
+             nprocs=2, join=True)
+    with np.load(tmp_path / "ddp" / "samples.npz") as npz:
+        images, labels = npz["arr_0"], npz["arr_1"]
+    with np.load(chain / "samples" / "samples.npz") as npz:
+        assert np.array_equal(images, npz["arr_0"]) and np.array_equal(labels, npz["arr_1"])
+    assert json.loads((tmp_path / "ddp" / "samples.json").read_text())["processes"] == 2

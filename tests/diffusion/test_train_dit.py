@@ -82,7 +82,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_kill_9_then_rerun_continues_the_same_run(cache, tiny_tokenizer_dir, tmp_path):
-    steps = 300
+    steps = 160
     overrides = TINY + [f"train.steps={steps}", "train.ckpt_every=20", "train.keep_last=100", "train.log_every=20"]
     args = ["train-dit", "--checkpoint", str(tiny_tokenizer_dir), "--cache", str(cache), "--budget", "smoke",
             "--no-progress"] + [a for o in overrides for a in ("--set", o)]
@@ -125,3 +125,12 @@ def test_load_dit_refuses_a_broken_folder(cache, tmp_path):
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="do not match"):
         load_dit(saved)
+
+
+@pytest.mark.parametrize("budget", ["cpu", "smoke", "imagenet256"])
+def test_every_budget_loads_and_validates(budget):
+    recipe = load_gfid_recipe(budget=budget)
+    assert recipe.train.steps >= 1 and recipe.sample.num_samples >= 1
+    if budget == "imagenet256":
+        assert (recipe.model.size, recipe.train.precision, recipe.sample.num_samples) == ("XL", "bf16", 50000)
+        assert recipe.sample.cfg_interval == (0.0, 0.875)

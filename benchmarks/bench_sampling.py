@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--steps", default="4,8,16,32")
     ap.add_argument("--methods", default="euler,heun,euler_maruyama")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1, as the other benchmarks: stable on a shared machine)")
     ap.add_argument("--latent", default="8x8x8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,20 +1,14 @@
-"""Shared fixtures for the diffusion tests: a tiny saved tokenizer and its latent cache (seconds on CPU)."""
+"""Shared fixtures for the diffusion tests: a tiny saved tokenizer, one torch thread per test."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from manifold_lab.tokenizers import VAE, VAEConfig
-
-
-def tiny_tokenizer() -> VAE:
-    """16x16 images -> 4x8x8 latents with random (untrained) weights and non-trivial latent stats."""
-    torch.manual_seed(0)
-    cfg = VAEConfig(image_size=16, base_channels=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, z_channels=4)
-    return VAE(cfg).eval()
+sys.path.insert(0, str(Path(__file__).parent))  # the tests import diffusion_helpers and dit_workers
+from diffusion_helpers import tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,7 @@ def test_evaluate_command_and_refusals(chain, tmp_path, capsys):
 
 
 def test_a_dit_is_not_decoded_by_another_tokenizer(chain, tmp_path, capsys):
-    from conftest import tiny_tokenizer
+    from diffusion_helpers import tiny_tokenizer
     import torch
 
     other = tiny_tokenizer()

@@ -6,31 +6,12 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from manifold_lab.diffusion.latent_cache import LatentCache, LatentDataset, cache_latents, tokenizer_fingerprint
 from manifold_lab.errors import ManifoldLabError
 from manifold_lab.tokenizers.base import LatentStats
 
-from conftest import tiny_tokenizer
-
-
-class Toy(Dataset):
-    """Labelled 16x16 images with a left/right asymmetry, so flips change the latents."""
-
-    name = "toy"
-
-    def __init__(self, n: int = 26) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
-        self.x[..., :4] = 1.0
-        self.y = torch.arange(n) % 3
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
+from diffusion_helpers import Toy, tiny_tokenizer
 
 
 def test_cache_holds_latents_flips_labels_and_the_tokenizers_own_stats(tmp_path):

@@ -24,9 +24,8 @@ from manifold_lab.io import load_tensors
 from manifold_lab.train.checkpoint import list_checkpoints
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_tokenizer  # noqa: E402
+from diffusion_helpers import Toy, tiny_tokenizer  # noqa: E402
 from dit_workers import ddp_train  # noqa: E402
-from test_latent_cache import Toy  # noqa: E402
 
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "train.grad_clip=1.0"]
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from manifold_lab.tokenizers import VAE, VAEConfig
+from manifold_lab.tokenizers import VAE
 
-
-def tiny_config(**kw) -> VAEConfig:
-    """16x16 images -> 4x8x8 latents (f2), a few thousand parameters."""
-    base = dict(image_size=16, base_channels=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, z_channels=4)
-    base.update(kw)
-    return VAEConfig(**base)
+sys.path.insert(0, str(Path(__file__).parent))
+from tokenizer_helpers import tiny_config  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from manifold_lab.tokenizers import VAE, LatentStats, Tokenizer, load_tokenizer
 from manifold_lab.tokenizers.base import STATS_PREFIX
 from manifold_lab.io import load_tensors
 
-from conftest import tiny_config
+from tokenizer_helpers import tiny_config
 
 
 @pytest.fixture

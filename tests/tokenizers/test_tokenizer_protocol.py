@@ -8,7 +8,7 @@ import torch
 from manifold_lab.errors import ManifoldLabError
 from manifold_lab.tokenizers import VAE, LatentStats, Tokenizer, VAEConfig
 
-from conftest import tiny_config
+from tokenizer_helpers import tiny_config
 
 
 def test_vae_satisfies_protocol_and_default_shape() -> None:

@@ -15,7 +15,7 @@ from manifold_lab.tokenizers import losses as losses_module
 from manifold_lab.tokenizers.vae import DiagonalGaussian, VAECriterion, VAEConfig
 from manifold_lab.train.gan import GANConfig, NLayerDiscriminator, generator_loss
 
-from conftest import tiny_config
+from tokenizer_helpers import tiny_config
 
 
 def test_kl_matches_torch_distributions() -> None:

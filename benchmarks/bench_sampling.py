@@ -12,7 +12,7 @@ latent) it times, side by side in one process and interleaved rounds (median rep
 The weights are random (timing does not depend on them). Decoding and feature extraction are not
 included: they are per sample, not per step.
 
-    python benchmarks/bench_sampling.py [--batch 250] [--steps 4,8,16,32] [--rounds 3] [--threads N]
+    python benchmarks/bench_sampling.py [--batch 100] [--steps 4,8,16] [--rounds 2] [--threads N]   (~4 min)
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from manifold_lab.diffusion.samplers import SamplerConfig, nfe, sample
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=250)
-    ap.add_argument("--steps", default="4,8,16,32")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--steps", default="4,8,16")
     ap.add_argument("--methods", default="euler,heun,euler_maruyama")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1, as the other benchmarks: stable on a shared machine)")
     ap.add_argument("--latent", default="8x8x8")

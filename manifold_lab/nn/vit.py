@@ -15,7 +15,9 @@ from torch import nn
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding, (h*w, dim) in raster order (MAE / DiT convention)."""
+    """Fixed 2-D sin-cos position embedding, (h*w, dim) in raster order (timm's build_sincos2d_pos_embed: the
+    MAE / DiT frequencies, channels ordered [sin_x, sin_y, cos_x, cos_y] rather than DiT's [sin_w, cos_w,
+    sin_h, cos_h]; the same for a network trained from scratch)."""
     return build_sincos2d_pos_embed(list(grid), dim=dim, reverse_coord=False)
 
 

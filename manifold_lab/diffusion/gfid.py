@@ -172,7 +172,7 @@ def gfid_report(record: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
         f"| {fmt(m.get('fid'), 2)} | {is_text} | {fmt(m.get('precision'))} | {fmt(m.get('recall'))} | "
         f"{m.get('n_samples')} | {m.get('n_reference')} ({m.get('reference')}) | {m.get('backbone')} |", "",
-        f"*Table: generation quality of a LightningDiT-{r['model']['size']} (patch {r['model']['patch_size']}) "
+        f"*Table: generation quality of a LightningDiT-{r['model']['size']} ({_dit_shape(r['model'])}) "
         f"trained {r['train']['steps']} steps (batch {r['train']['batch_size']}) on the latents "
         f"({'x'.join(map(str, record['latent_shape']))}) of `{record['tokenizer']}`; {s['num_samples']} "
         f"class-balanced samples, {s['method']} sampler, {s['steps']} steps, CFG scale {s['cfg_scale']} in "
@@ -189,6 +189,15 @@ def gfid_report(record: dict[str, Any]) -> str:
     lines += ["", "Stages that were already done (loaded from disk) show their load time; see "
               "`dit-run/` for the training log."]
     return "\n".join(lines) + "\n"
+
+
+def _dit_shape(model: dict[str, Any]) -> str:
+    """'depth 4, width 128, patch 1' for a recipe's model section (size defaults resolved)."""
+    from manifold_lab.config import from_dict
+    from manifold_lab.diffusion.model import DiTConfig
+
+    dims = from_dict(DiTConfig, model, where="model").dims()
+    return f"depth {dims.depth}, width {dims.hidden_size}, patch {model['patch_size']}"
 
 
 __all__ = ["build_latent_cache", "gfid_report", "latent_cache_dir", "run_gfid"]

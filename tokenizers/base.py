@@ -25,7 +25,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -67,6 +67,26 @@ class LatentStats:
             raise ManifoldLabError("latent stats: mean must be finite and std finite and > 0 in every channel")
         if "\n" in self.how:
             raise ManifoldLabError("latent stats: 'how' must be a single line")
+
+    @classmethod
+    def from_latents(cls, batches: Iterable[torch.Tensor], how: str) -> "LatentStats":
+        """Per-channel mean/std of (B,C,h,w) latent batches, summed in float64 so 10k+ latents lose no precision.
+
+        A dead channel gets std 1e-6 instead of 0, so normalize() never divides by zero.
+        """
+        total = sq = None
+        count = 0
+        for z in batches:
+            per_channel = z.detach().double().transpose(0, 1).flatten(1)  # (C, B*h*w)
+            s, s2 = per_channel.sum(1), per_channel.pow(2).sum(1)
+            total = s if total is None else total + s
+            sq = s2 if sq is None else sq + s2
+            count += per_channel.shape[1]
+        if total is None or count == 0:
+            raise ManifoldLabError("latent statistics need at least one latent; got none")
+        mean = total / count
+        std = (sq / count - mean.pow(2)).clamp_min(0.0).sqrt().clamp_min(1e-6)
+        return cls(mean.float().cpu(), std.float().cpu(), how)
 
     @classmethod
     def identity(cls, channels: int, how: str = "identity (mean 0, std 1): statistics not computed yet") -> "LatentStats":

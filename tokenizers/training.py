@@ -121,30 +121,24 @@ def compute_latent_stats(tokenizer: Any, dataset: Dataset, num_images: int, batc
     was_training = getattr(tokenizer, "training", False)
     if hasattr(tokenizer, "eval"):
         tokenizer.eval()
-    total = sq = None
-    count = 0
-    try:
+
+    def latents():
         for batch in loader:
             x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-            z = tokenizer.encode(x).double()
-            per_channel = z.transpose(0, 1).flatten(1)  # (C, B*h*w)
-            s, s2 = per_channel.sum(1), per_channel.pow(2).sum(1)
-            total = s if total is None else total + s
-            sq = s2 if sq is None else sq + s2
-            count += per_channel.shape[1]
+            yield tokenizer.encode(x)
+
+    try:
+        moments = LatentStats.from_latents(latents(), how="")
     finally:
         if was_training:
             tokenizer.train()
-    mean = total / count
-    var = (sq / count - mean.pow(2)).clamp_min(0.0)
-    std = var.sqrt().clamp_min(1e-6)  # a dead channel must not make normalize() divide by zero
     name = getattr(dataset, "name", type(dataset).__name__)
     split = getattr(dataset, "split", None)
     size = getattr(dataset, "image_size", None)
     what = description or (f"{n:,} {split + ' ' if split else ''}images of {name}"
                            f"{f' at {size}x{size}' if size else ''}")
     how = f"per-channel mean/std of encode() latents over {what} (seed {seed})"
-    return LatentStats(mean.float().cpu(), std.float().cpu(), how)
+    return LatentStats(moments.mean, moments.std, how)
 
 
 def _reconstruction_grid(dataset: Dataset, count: int = 8):

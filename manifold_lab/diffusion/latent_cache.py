@@ -238,22 +238,19 @@ def _stats(tokenizer: Any, out: Path, num_shards: int, stats_items: int) -> Late
     own = getattr(tokenizer, "latent_stats", None)
     if own is not None and not _is_identity_stats(own):
         return LatentStats(own.mean, own.std, f"the tokenizer's own: {own.how}")
-    total = sq = None
-    count = items = 0
-    for k in range(num_shards):
-        z = load_tensors(_shard_path(out, k))["latents"][: max(0, stats_items - items)].double()
-        if len(z) == 0:
-            break
-        items += len(z)
-        per_channel = z.transpose(0, 1).flatten(1)
-        s, s2 = per_channel.sum(1), per_channel.pow(2).sum(1)
-        total = s if total is None else total + s
-        sq = s2 if sq is None else sq + s2
-        count += per_channel.shape[1]
-    mean = total / count
-    std = (sq / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
-    return LatentStats(mean, std,
-                             f"per-channel mean/std over the first {items:,} cached latents (the tokenizer had none)")
+    seen = {"items": 0}
+
+    def latents():
+        for k in range(num_shards):
+            z = load_tensors(_shard_path(out, k))["latents"][: max(0, stats_items - seen["items"])]
+            if len(z) == 0:
+                return
+            seen["items"] += len(z)
+            yield z
+
+    moments = LatentStats.from_latents(latents(), how="")
+    return LatentStats(moments.mean, moments.std, f"per-channel mean/std over the first {seen['items']:,} cached "
+                       "latents (the tokenizer had none)")
 
 
 class LatentCache:

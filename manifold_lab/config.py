@@ -93,6 +93,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        if len(args) == 2:
+            return {_coerce(args[0], k, where): _coerce(args[1], v, _join(where, str(k))) for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value

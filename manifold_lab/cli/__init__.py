@@ -27,12 +27,15 @@ from manifold_lab.cli import measure as _measure  # noqa: E402,F401  (registers 
 from manifold_lab.cli import tokenizer_cmds as _tok  # noqa: E402,F401
 from manifold_lab.cli import compare as _compare  # noqa: E402,F401
 from manifold_lab.cli import diffusion_cmds as _diffusion  # noqa: E402,F401
+from manifold_lab.cli import study_cmds as _study  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except ManifoldLabError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -68,7 +68,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         t = state[key].detach().to("cpu").contiguous()
         h.update(key.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim buffers too
     stats = getattr(tokenizer, "latent_stats", None)
     if stats is not None:
         h.update(json.dumps(stats.to_json(), sort_keys=True).encode())

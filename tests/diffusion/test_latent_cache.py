@@ -115,3 +115,12 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
         cache_latents(tok, Unlabelled(), tmp_path / "u")
     with pytest.raises(ManifoldLabError, match="no latent cache"):
         LatentCache(tmp_path / "nothing")
+
+
+def test_fingerprint_covers_zero_dim_buffers() -> None:
+    """RAE keeps 0-dim integer buffers; the fingerprint must hash them (and see them change)."""
+    tok = tiny_tokenizer()
+    tok.register_buffer("counter", torch.tensor(3, dtype=torch.long))
+    before = tokenizer_fingerprint(tok)
+    tok.counter.fill_(4)
+    assert tokenizer_fingerprint(tok) != before

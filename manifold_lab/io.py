@@ -110,3 +110,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive_lock(lock_file: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive inter-process lock (POSIX ``flock``, released if the holder dies) while the block runs.
+
+    Used where two processes could compute the same cached output (a default checkpoint, a study stage);
+    without ``fcntl`` (not POSIX) there is no lock, and the atomic writes still keep outputs consistent.
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_file, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+

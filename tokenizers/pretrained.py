@@ -17,13 +17,13 @@ Run ``python -m manifold_lab.tokenizers vae`` to train (or locate) a default che
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from manifold_lab.errors import ManifoldLabError, MissingWeightsError
+from manifold_lab.io import exclusive_lock
 from manifold_lab.tokenizers.base import CONFIG_FILE, load_tokenizer
 from manifold_lab.tokenizers.registry import get_spec
 from manifold_lab.tokenizers.training import train_tokenizer
@@ -80,23 +80,6 @@ def train_command(name: str, recipe: str | os.PathLike | None = None) -> str:
     return f"python -m manifold_lab.tokenizers {name}{extra}"
 
 
-@contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock so two processes never train the same default checkpoint at once."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no inter-process lock, the atomic save still keeps the cache consistent
-        yield
-        return
-    with open(lock_file, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def get_pretrained(name: str, cache_dir: str | os.PathLike | None = None, train_if_missing: bool = True,
                    progress: bool = True, recipe: str | os.PathLike | None = None,
                    overrides: Sequence[str] = ()) -> Any:
@@ -120,7 +103,7 @@ def get_pretrained(name: str, cache_dir: str | os.PathLike | None = None, train_
             f"no default '{name}' checkpoint in {folder}; train it once with `{how}`"
             f"{' (with MANIFOLD_LAB_CACHE=' + str(cache_root(cache_dir)) + ')' if cache_dir is not None else ''}"
         )
-    with _exclusive(folder.parent / f".{folder.name}.lock"):
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
         if not (folder / CONFIG_FILE).is_file():  # another process may have finished it meanwhile
             run_dir = cache_root(cache_dir) / "runs" / folder.name
             train_tokenizer(name, recipe_path, overrides, run_dir=run_dir, progress=progress, save_dir=folder)

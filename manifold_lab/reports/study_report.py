@@ -593,7 +593,8 @@ def write_study_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     md += ["## Figures", "", *_figures_md(results, panels_png),
            "## Wall time per stage", "", _wall_time_md(results), "",
            f"**Table {4 if spread else 3}.** Minutes per stage and run, as each stage took when it was computed "
-           "(stages are content-addressed and may be shared with other runs or studies); —: the stage has not finished.", "",
+           "(stages are content-addressed and may be shared with other runs or studies); —: the stage has "
+           "not finished.", "",
            "## What the data show", "", *_findings_md(results, rows, spread, table), "",
            "## Reproduce", "", *_commands_md(results), ""]
     path = out / "report.md"

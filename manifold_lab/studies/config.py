@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from manifold_lab.config import apply_overrides, from_dict, read_yaml
 from manifold_lab.errors import ConfigError

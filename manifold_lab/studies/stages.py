@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 from manifold_lab import distributed
 from manifold_lab.config import to_dict
 from manifold_lab.errors import ManifoldLabError
-from manifold_lab.io import write_json
+from manifold_lab.io import exclusive_lock, write_json
 from manifold_lab.studies.config import STAGES, Budget, RunSpec, StudyConfig
 
 STAGE_FILE = "stage.json"
@@ -183,7 +183,7 @@ def _run_tokenizer(ctx: RunContext, folder: Path) -> dict[str, Any]:
 
 
 def _run_measure(ctx: RunContext, folder: Path) -> dict[str, Any]:
-    from manifold_lab.measure.pipeline import measure_tokenizer, run_metadata
+    from manifold_lab.measure.pipeline import measure_tokenizer, run_metadata, summary_row
     from manifold_lab.measure.progress import StageTracker
     from manifold_lab.reports.measure_report import write_results
 
@@ -191,20 +191,15 @@ def _run_measure(ctx: RunContext, folder: Path) -> dict[str, Any]:
     tok = ctx.tokenizer()
     started = time.perf_counter()
     with StageTracker(enabled=ctx.progress and distributed.is_main_process()) as tracker:
-        result = measure_tokenizer(tok, cfg, tracker)
-    if distributed.is_main_process():
-        subject = {"name": ctx.run.variant.label, "tokenizer": ctx.run.variant.tokenizer,
-                   "overrides": ctx.run.variant.set, "seed": ctx.run.seed, "latent_shape": list(tok.latent_shape),
-                   "checkpoint": str(ctx.folder("tokenizer"))}
-        write_results(result, run_metadata(cfg, subject, tracker.timings, started), folder / "measure")
-    from manifold_lab.measure.pipeline import summary_row
-
-    summary = summary_row(result.metrics) if distributed.is_main_process() else {}
-    for name, path in (("SSC_std", ("ssc", "std")), ("GSQ_std", ("gsq", "std"))):
-        node: Any = result.metrics
-        for k in path:
-            node = node.get(k) if isinstance(node, dict) else None
-        summary[name] = node
+        result = measure_tokenizer(tok, cfg, tracker)  # every rank measures a shard; rank 0 holds the result
+    if not distributed.is_main_process():
+        return {}
+    subject = {"name": ctx.run.variant.label, "tokenizer": ctx.run.variant.tokenizer,
+               "overrides": ctx.run.variant.set, "seed": ctx.run.seed, "latent_shape": list(tok.latent_shape),
+               "checkpoint": str(ctx.folder("tokenizer"))}
+    write_results(result, run_metadata(cfg, subject, tracker.timings, started), folder / "measure")
+    m = result.metrics
+    summary = {**summary_row(m), "SSC_std": (m.get("ssc") or {}).get("std"), "GSQ_std": (m.get("gsq") or {}).get("std")}
     return {"summary": summary, "metrics_file": "measure/metrics.json"}
 
 
@@ -275,23 +270,12 @@ RUNNERS: dict[str, Callable[[RunContext, Path], dict[str, Any]]] = {
 
 @contextlib.contextmanager
 def stage_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on one stage output (POSIX ``flock``; released when the process dies)."""
-    lock = folder.parent / f".{folder.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    if distributed.world_size() > 1:  # torchrun: the launcher runs one stage at a time per run
+    """An exclusive lock on one stage output, so parallel workers never compute it twice."""
+    if distributed.world_size() > 1:  # under torchrun the launcher runs one stage at a time per run
         yield
         return
-    try:
-        import fcntl
-    except ImportError:
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
         yield
-        return
-    with open(lock, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def run_stage(ctx: RunContext, stage: str) -> dict[str, Any]:

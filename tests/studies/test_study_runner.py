@@ -56,7 +56,8 @@ def test_a_rerun_does_only_what_is_missing_and_a_failed_run_does_not_stop_the_ot
     calls: list[str] = []
     for name, fn in list(stages_mod.RUNNERS.items()):
         monkeypatch.setitem(stages_mod.RUNNERS, name,
-                            lambda ctx, folder, fn=fn, name=name: calls.append(f"{ctx.run.run_id}:{name}") or fn(ctx, folder))
+                            lambda ctx, folder, fn=fn, name=name:
+                            calls.append(f"{ctx.run.run_id}:{name}") or fn(ctx, folder))
     records = run_all(study, "smoke", work, study.runs(), study.executor, progress=False)
     assert [r["status"] for r in records] == ["done", "done"]
     assert calls == [f"vae-c2-s0:{s}" for s in ("cache_latents", "train_dit", "sample", "evaluate")]
@@ -122,7 +123,6 @@ def test_a_killed_study_resumes_without_redoing_finished_stages(tmp_path) -> Non
 
 def test_local_workers_torchrun_and_submitit_give_the_same_records(tmp_path) -> None:
     """Each executor completes the runs; stages already done by one executor are reused by the others."""
-    study = load_study(tiny_study(tmp_path))
     work = tmp_path / "work"
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"

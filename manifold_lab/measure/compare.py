@@ -8,7 +8,7 @@ results folder already holds a ``metrics.json`` for the same recipe and measure 
 recomputed, so a killed comparison resumes where it stopped. The table and figure are drawn from the
 stored results only (:mod:`manifold_lab.reports.compare_report`).
 
-Example (``reports/zoo/variants.yaml``)::
+Example (``reports/zoo_geometry/variants.yaml``)::
 
     title: The tokenizer zoo on the embedded data
     measure: []                      # measure --set overrides shared by all variants

@@ -178,9 +178,12 @@ def profile_figure(results: dict[str, Any], path: str | Path) -> Path:
     results = _check_results(results)
     table = variant_table(results["runs"])
     titles = {p["name"]: p.get("title") or p["name"] for p in _panels(results)}
-    groups = list(dict.fromkeys(_group(r, titles) for r in table))
+    # colour by panel; a study without panels (a zoo) is coloured by tokenizer instead
+    by_panel = any(r["panels"] for r in table)
+    group_of = [_group(r, titles) if by_panel else str(r.get("tokenizer") or r["label"]) for r in table]
+    groups = list(dict.fromkeys(group_of))
     colour_of = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
-    colours = [colour_of[_group(r, titles)] for r in table]
+    colours = [colour_of[g] for g in group_of]
     n = len(table)
     ncols = 4 if n <= 6 else 2
     nrows = math.ceil((len(PROFILE_METRICS) + 1) / ncols)
@@ -191,9 +194,12 @@ def profile_figure(results: dict[str, Any], path: str | Path) -> Path:
     labels = [r["label"] for r in table]
     for ax, metric in zip(axes.flat, PROFILE_METRICS):
         vals = np.array([_num(r.get(metric)) for r in table])
-        err = np.nan_to_num([_num(r.get(f"{metric}_sd")) for r in table])
-        ax.bar(x, np.nan_to_num(vals), yerr=err, color=colours, edgecolor="black", linewidth=0.5, capsize=2,
-               error_kw={"elinewidth": 0.8})
+        err = np.array([_num(r.get(f"{metric}_sd")) for r in table])
+        ax.bar(x, np.nan_to_num(vals), color=colours, edgecolor="black", linewidth=0.5)
+        has_sd = ~np.isnan(err) & ~np.isnan(vals)  # no bar for a variant with one seed: its sd is unknown
+        if has_sd.any():
+            ax.errorbar(x[has_sd], vals[has_sd], yerr=err[has_sd], fmt="none", ecolor="black", elinewidth=0.8,
+                        capsize=2)
         for i in np.flatnonzero(np.isnan(vals)):
             ax.text(i, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.4")
         ax.set_title(f"{metric} ({_direction_word(metric)})", fontsize=9)
@@ -204,10 +210,10 @@ def profile_figure(results: dict[str, Any], path: str | Path) -> Path:
     for ax in spare:
         ax.axis("off")
     handles = [matplotlib.patches.Patch(facecolor=colour_of[g], edgecolor="black", label=g) for g in groups]
-    spare[0].legend(handles=handles, loc="center", fontsize=8, title="variant group (panel)", title_fontsize=8,
-                    frameon=False)
-    fig.suptitle(f"{_title(results)}\nper-variant profile: mean over finished seeds, error bars = seed sd",
-                 fontsize=10)
+    spare[0].legend(handles=handles, loc="center", fontsize=8,
+                    title="variant group (panel)" if by_panel else "tokenizer", title_fontsize=8, frameon=False)
+    fig.suptitle(f"{_title(results)}\nper-variant profile: mean over finished seeds, error bars = seed sd "
+                 "(variants with several seeds)", fontsize=10)
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -359,7 +365,19 @@ def _wall_time_md(results: dict[str, Any]) -> str:
         body.append([r.get("run_id", r["label"]), *[_minutes(secs.get(s)) for s in stages], _minutes(run_total)])
     body.append(["**total**", *[f"**{_minutes(totals[s])}**" for s in stages],
                  f"**{_minutes(sum(totals.values()))}**"])
+    medians = [_median([_num((r.get("stage_seconds") or {}).get(s)) for r in results["runs"]]) for s in stages]
+    body.append(["*median*", *[f"*{_minutes(m)}*" for m in medians],
+                 f"*{_minutes(sum(m for m in medians if not math.isnan(m)))}*"])
     return _md_table(["run", *stages, "run total"], body)
+
+
+def _median(values: list[float]) -> float:
+    """Median of the finished stages: robust to a stage slowed by a busy machine or a paused run."""
+    done = sorted(v for v in values if not math.isnan(v))
+    if not done:
+        return math.nan
+    mid = len(done) // 2
+    return done[mid] if len(done) % 2 else (done[mid - 1] + done[mid]) / 2
 
 
 # ------------------------------------------------------------------------------------------------ prose
@@ -434,7 +452,11 @@ def _panel_sentence(panel: dict[str, Any], row: dict[str, Any] | None) -> str:
             + f" (Pearson r = {_coef_text(row.get('pearson'))}), a {_strength(rho)} "
             + ("positive" if rho > 0 else "negative" if rho < 0 else "null") + " rank relation")
     exp = row.get("expected")
-    if exp:
+    if exp and metric in RECONSTRUCTION:
+        text += (f"; if reconstruction predicted generation the sign would be "
+                 f"{'negative' if exp == '-' else 'positive'} ({metric} is {_direction_word(metric)}), and it "
+                 f"{'is' if row.get('agrees') else 'is not'}.")
+    elif exp:
         text += (f"; the paper expects a {'negative' if exp == '-' else 'positive'} sign ({metric} is "
                  f"{_direction_word(metric)}), so this {'agrees' if row.get('agrees') else 'does not agree'} "
                  "with it.")
@@ -448,18 +470,26 @@ def _panel_sentence(panel: dict[str, Any], row: dict[str, Any] | None) -> str:
     if n < SMALL_N:
         text += (f" With only {n} variants any estimate is fragile, and a bootstrap interval from so few points "
                  "understates the uncertainty.")
-    if metric == "rFID":
-        claim = " The paper's pilot claims rFID does not track gFID across bottleneck widths; "
+    if metric in RECONSTRUCTION:
+        claim = (" The paper's pilot claims reconstruction does not predict generation (rFID keeps improving as "
+                 "the bottleneck widens while gFID does not); ")
         if n < SMALL_N:
             text += claim + f"with {n} variants these data can neither support nor refute that claim."
+        elif zero is False and abs(rho) >= 0.3 and row.get("agrees") is False:
+            text += claim + (f"here better {metric} went with worse {TARGET} (CI excludes 0), the "
+                             "reconstruction-generation trade-off behind that claim: these data agree with it.")
         elif zero is False and abs(rho) >= 0.3:
-            text += claim + "these data do show a relation (CI excludes 0), contrary to that claim at this budget."
+            text += claim + (f"here {metric} does track {TARGET} (CI excludes 0), contrary to that claim at "
+                             "this budget.")
         else:
             text += claim + "these data establish no relation, consistent with (but not proof of) that claim."
     return text
 
 
-def _overall_sentence(rows: list[dict[str, Any]]) -> str:
+RECONSTRUCTION = ("rFID", "PSNR")  # the paper argues these do not predict gFID; their "expected" sign is the naive one
+
+
+def _overall_sentence(rows: list[dict[str, Any]], has_panels: bool = True) -> str:
     alls = [r for r in rows if r["subset"] == "all" and r.get("spearman") is not None]
     if not alls:
         return "- Over all variants no correlation could be computed (too few finished variants with gFID)."
@@ -477,9 +507,11 @@ def _overall_sentence(rows: list[dict[str, Any]]) -> str:
     missing = [f"{r['metric']} ({r['reason']})" for r in rows if r["subset"] == "all" and r.get("spearman") is None]
     if missing:
         items.append("not computable: " + ", ".join(missing))
-    return (f"- Over all variants ({n_text}), ranked by |ρ| with {TARGET}: " + "; ".join(items) + ". "
-            "Variants of different sweeps differ in more than one factor, so the per-panel rows are the "
-            "controlled comparisons.")
+    caveat = ("Variants of different sweeps differ in more than one factor, so the per-panel rows are the "
+              "controlled comparisons." if has_panels else
+              "The variants differ in architecture and recipe, not in one controlled factor, so these "
+              "coefficients describe this set of tokenizers, not what causes their gFID.")
+    return f"- Over all variants ({n_text}), ranked by |ρ| with {TARGET}: " + "; ".join(items) + ". " + caveat
 
 
 def _spread_sentence(spread: list[dict[str, Any]], table: list[dict[str, Any]]) -> str:
@@ -498,9 +530,10 @@ def _findings_md(results: dict[str, Any], rows: list[dict[str, Any]], spread: li
                  table: list[dict[str, Any]]) -> list[str]:
     cell = {(r["metric"], r["subset"]): r for r in rows}
     out = [_panel_sentence(p, cell.get((p.get("metric"), p["name"]))) for p in _panels(results)]
-    if not out:
+    has_panels = bool(out)
+    if not has_panels:
         out.append("- The study declares no panels, so there is no controlled sweep to read.")
-    out.append(_overall_sentence(rows))
+    out.append(_overall_sentence(rows, has_panels))
     out.append(_spread_sentence(spread, table))
     left = sum(1 for r in results["runs"] if r.get("status") != "done")
     if left:
@@ -543,12 +576,14 @@ def _figures_md(results: dict[str, Any], panels_png: Path | None) -> list[str]:
                      "swept value; dashed: ordinary least-squares fit; legend: n, Pearson r and Spearman ρ."))
     figs.append(("profile", "figures/profile.png",
                  "per-variant profile (SSC, LPC, GSQ, eRank/C, PSNR, rFID, gFID): one bar per variant, mean over "
-                 "finished seeds, error bars = seed sd; colour = the panel the variant belongs to; n/a = not "
-                 "measured."))
+                 "finished seeds, error bars = seed sd (only for variants with several seeds); colour = the "
+                 + ("panel the variant belongs to" if panels_png is not None else "tokenizer")
+                 + "; n/a = not measured."))
     figs.append(("correlations", "figures/correlations.png",
                  f"correlation of each metric with {TARGET} over seed-averaged variants: Pearson, Spearman and "
-                 "Kendall over all variants, then Spearman within each panel; each cell gives the coefficient "
-                 "and n; grey = not computable."))
+                 "Kendall over all variants" + (", then Spearman within each panel" if panels_png is not None
+                                                else "") + "; each cell gives the coefficient and n; grey = not "
+                 "computable."))
     out = []
     for i, (alt, src, caption) in enumerate(figs, 1):
         out += [f"![{alt}]({src})", "", f"*Figure {i}: {caption}*", ""]
@@ -583,7 +618,8 @@ def write_study_report(results: dict[str, Any], out_dir: str | Path) -> Path:
            "over seeds); subset `all`: every variant with both values, a panel name: only that sweep's variants. "
            f"Brackets: {round(100 * ci)}% paired bootstrap percentile interval (2000 resamples of the "
            f"(metric, {TARGET}) pairs; constant resamples dropped). Expected sign: what the paper's claim implies "
-           "(a better metric goes with a lower gFID); agrees: whether the Spearman sign matches it. With fewer "
+           "(a better metric goes with a lower gFID; for rFID and PSNR this is the naive reading that reconstruction "
+           "predicts generation, which the paper argues against); agrees: whether the Spearman sign matches it. With fewer "
            f"than {SMALL_N} variants the percentile bootstrap understates the uncertainty (a perfectly ordered "
            "sweep always gives [1, 1]); read such rows as a direction, not as evidence.", "",
            "## Seed spread", ""]
@@ -594,7 +630,8 @@ def write_study_report(results: dict[str, Any], out_dir: str | Path) -> Path:
            "## Wall time per stage", "", _wall_time_md(results), "",
            f"**Table {4 if spread else 3}.** Minutes per stage and run, as each stage took when it was computed "
            "(stages are content-addressed and may be shared with other runs or studies); —: the stage has "
-           "not finished.", "",
+           "not finished; median: the typical cost of one run's stage, robust to stages slowed by other work on the "
+           "same machine (the sum of the medians estimates one run that computes every stage).", "",
            "## What the data show", "", *_findings_md(results, rows, spread, table), "",
            "## Reproduce", "", *_commands_md(results), ""]
     path = out / "report.md"

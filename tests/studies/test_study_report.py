@@ -87,6 +87,10 @@ def test_the_report_writes_every_file_and_mentions_every_run(report) -> None:
     # wall time: 10 runs with a tokenizer stage of 1 min each (the pending one has none) -> total 10.0 min
     total = next(line for line in md.splitlines() if line.startswith("| **total**"))
     assert total.split("|")[2].strip() == "**10.0**"
+    # the median row skips unfinished stages: stage i takes i min wherever it ran, so one run's sum is 21 min
+    median = next(line for line in md.splitlines() if line.startswith("| *median*"))
+    assert [c.strip() for c in median.split("|")[2:-1]] == ["*1.0*", "*2.0*", "*3.0*", "*4.0*", "*5.0*", "*6.0*",
+                                                            "*21.0*"]
 
     rows = json.loads((out / "correlations.json").read_text())
     assert rows == json.loads(json.dumps(correlation_table(results)))
@@ -100,13 +104,26 @@ def test_the_findings_say_when_n_is_too_small_or_the_interval_includes_zero(repo
     md = report[1].read_text()
     findings = md.split("## What the data show")[1].split("## Reproduce")[0]
     width = next(line for line in findings.splitlines() if "(a) width" in line)
-    assert "n = 3" in width and "Spearman ρ = +1.00" in width and "agrees" in width and "fragile" in width
-    assert "rFID does not track gFID" in width and "neither support nor refute" in width  # n = 3 < 5
+    assert "n = 3" in width and "Spearman ρ = +1.00" in width and "and it is." in width and "fragile" in width
+    assert "reconstruction does not predict generation" in width and "neither support nor refute" in width
     ssr = next(line for line in findings.splitlines() if "(b) SSR weight" in line)
     assert "n = 3" in ssr and "Spearman ρ = -0.50" in ssr and "CI includes 0" in ssr
     scr = next(line for line in findings.splitlines() if "(d) SCR weight" in line)
     assert "too few" in scr and "n = 1" in scr  # the failed SCR=4 run is not a point
     assert "left out of every statistic" in findings
+
+
+@pytest.mark.parametrize("rho, verdict", [(-0.9, "these data agree with it"),
+                                          (+0.9, "contrary to that claim"),
+                                          (-0.2, "establish no relation")])
+def test_the_rfid_sentence_reads_a_trade_off_as_support_for_the_papers_claim(rho, verdict) -> None:
+    """The paper claims rFID does not predict gFID: better rFID with worse gFID (rho < 0) supports it."""
+    from manifold_lab.reports.study_report import _panel_sentence
+    ci = [rho - 0.1, min(rho + 0.1, 1.0)] if abs(rho) > 0.5 else [-0.8, 0.6]
+    row = {"metric": "rFID", "n": 6, "spearman": rho, "spearman_ci": ci, "pearson": rho, "ci": 0.95,
+           "expected": "+", "agrees": rho > 0}
+    text = _panel_sentence({"name": "width", "title": "(a) width", "metric": "rFID"}, row)
+    assert verdict in text and "n = 6" in text
 
 
 def test_seed_spread_covers_only_variants_with_several_done_seeds() -> None:
@@ -126,6 +143,7 @@ def test_missing_metrics_and_no_panels_do_not_crash(tmp_path) -> None:
     assert not (tmp_path / "out" / "figures" / "panels.png").exists()
     assert _is_png(tmp_path / "out" / "figures" / "profile.png")
     assert "declares no panels" in md and "*Figure 1:" in md and "*Figure 3:" not in md
+    assert "not in one controlled factor" in md and "per-panel rows" not in md
 
 
 def test_bad_input_raises_one_clear_error(tmp_path) -> None:

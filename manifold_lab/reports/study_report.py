@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -373,11 +374,8 @@ def _wall_time_md(results: dict[str, Any]) -> str:
 
 def _median(values: list[float]) -> float:
     """Median of the finished stages: robust to a stage slowed by a busy machine or a paused run."""
-    done = sorted(v for v in values if not math.isnan(v))
-    if not done:
-        return math.nan
-    mid = len(done) // 2
-    return done[mid] if len(done) % 2 else (done[mid - 1] + done[mid]) / 2
+    done = [v for v in values if not math.isnan(v)]
+    return statistics.median(done) if done else math.nan
 
 
 # ------------------------------------------------------------------------------------------------ prose
@@ -437,6 +435,9 @@ def _ci_has_zero(row: dict[str, Any]) -> bool | None:
     return None if not ci else ci[0] <= 0 <= ci[1]
 
 
+RECONSTRUCTION = ("rFID", "PSNR")  # the paper argues these do not predict gFID; their "expected" sign is the naive one
+
+
 def _panel_sentence(panel: dict[str, Any], row: dict[str, Any] | None) -> str:
     metric = panel.get("metric", "rFID")
     head = f"- **{panel.get('title') or panel['name']}** — {metric} vs {TARGET}"
@@ -453,7 +454,7 @@ def _panel_sentence(panel: dict[str, Any], row: dict[str, Any] | None) -> str:
             + ("positive" if rho > 0 else "negative" if rho < 0 else "null") + " rank relation")
     exp = row.get("expected")
     if exp and metric in RECONSTRUCTION:
-        text += (f"; if reconstruction predicted generation the sign would be "
+        text += ("; if reconstruction predicted generation the sign would be "
                  f"{'negative' if exp == '-' else 'positive'} ({metric} is {_direction_word(metric)}), and it "
                  f"{'is' if row.get('agrees') else 'is not'}.")
     elif exp:
@@ -484,9 +485,6 @@ def _panel_sentence(panel: dict[str, Any], row: dict[str, Any] | None) -> str:
         else:
             text += claim + "these data establish no relation, consistent with (but not proof of) that claim."
     return text
-
-
-RECONSTRUCTION = ("rFID", "PSNR")  # the paper argues these do not predict gFID; their "expected" sign is the naive one
 
 
 def _overall_sentence(rows: list[dict[str, Any]], has_panels: bool = True) -> str:

@@ -31,10 +31,12 @@ from manifold_lab.cli import study_cmds as _study  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also ``torchrun -m manifold_lab.cli``)."""
+    clean = False
     try:
         code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
-        if isinstance(code, int) and code != 0:
+        clean = not (isinstance(code, int) and code != 0)
+        if not clean:
             sys.exit(code)
     except ManifoldLabError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -52,6 +54,18 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, abort):
             sys.exit(1)
         raise
+    finally:
+        _leave_process_group(clean)
+
+
+def _leave_process_group(clean: bool) -> None:
+    """Under torchrun, leave the process group before exit (a barrier first only when the command
+    succeeded: a failed rank must not wait for peers that may never come). Torch is not imported
+    just for this: a command that never loaded it has no process group."""
+    if "torch" in sys.modules:
+        from manifold_lab import distributed
+
+        distributed.shutdown(wait=clean)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

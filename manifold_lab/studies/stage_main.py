@@ -2,7 +2,8 @@
 
 Every process initialises the process group from torchrun's environment, runs the stage (the
 training engine, latent caching, sampling and evaluation shard their work over ranks) and rank 0
-writes ``stage.json``. On failure rank 0 writes the one-line error to ``error.txt`` in the stage's
+writes ``stage.json``; every rank then leaves the process group together
+(:func:`manifold_lab.distributed.shutdown`). On failure rank 0 writes the one-line error to ``error.txt`` in the stage's
 folder, which the launching executor reports (:func:`manifold_lab.studies.executors.torchrun_stage_fn`).
 """
 
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             write_text(ctx.folder(stage) / ERROR_FILE, f"{type(exc).__name__}: {first}\n")
+        distributed.shutdown(wait=False)  # the other ranks may never reach a barrier
         raise
+    distributed.shutdown()
     return 0
 
 

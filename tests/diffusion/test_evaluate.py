@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from manifold_lab import distributed
 from manifold_lab.diffusion.adm_npz import (images_to_uint8, read_reference_npz, read_samples_npz, uint8_to_images,
                                             write_samples_npz)
 from manifold_lab.diffusion.evaluate import (EvalConfig, Reference, build_backbone, evaluate_samples, gaussian,
@@ -294,11 +295,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, samples: str) -
         if rank == 0:  # a caller that evaluates on rank 0 alone (shard=False) must not wait for the others
             alone = evaluate_samples(samples, samples, MOBILE, backbone=ToyBackbone(), shard=False)
             res["alone_fid"], res["alone_processes"] = alone["fid"], alone["processes"]
-        dist.barrier()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(res, fh)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
 
 
 def test_two_processes_match_one(tmp_path) -> None:

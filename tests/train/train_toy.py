@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from manifold_lab import distributed
 from manifold_lab.train import OptimConfig, TrainConfig, Trainer
 
 
@@ -159,8 +160,7 @@ def ddp_worker(rank: int, world_size: int, port: int, jobs: list[tuple]) -> None
                 out["disc"] = {k: v.clone() for k, v in crit.state_dict().items()}
                 out["disc_grads"] = {k: p.grad.clone() for k, p in crit.named_parameters()}
             torch.save(out, out_file)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

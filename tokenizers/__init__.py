@@ -17,7 +17,7 @@ if __name__ != "manifold_lab.tokenizers":  # e.g. `import tokenizers` run from t
         "another folder than the manifold-lab checkout, or import manifold_lab.tokenizers."
     )
 
-from manifold_lab.tokenizers.base import LatentStats, Tokenizer, TokenizerBase, load_tokenizer
+from manifold_lab.tokenizers.base import HasReferenceMaps, LatentStats, Tokenizer, TokenizerBase, load_tokenizer
 from manifold_lab.tokenizers.registry import (
     TOKENIZERS,
     TokenizerSpec,
@@ -42,7 +42,7 @@ from manifold_lab.tokenizers.training import (
 from manifold_lab.tokenizers.pretrained import cache_root, get_pretrained, pretrained_dir
 
 __all__ = [
-    "LatentStats", "Tokenizer", "TokenizerBase", "load_tokenizer",
+    "HasReferenceMaps", "LatentStats", "Tokenizer", "TokenizerBase", "load_tokenizer",
     "TOKENIZERS", "TokenizerSpec", "build_tokenizer", "get_spec", "list_tokenizers", "register_tokenizer",
     "VAE", "VAEConfig", "vae_loss",
     "DataSection", "TokenizerRecipe", "compute_latent_stats", "load_recipe", "train_tokenizer",

@@ -150,6 +150,20 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
+@runtime_checkable
+class HasReferenceMaps(Protocol):
+    """Optional: spatial feature maps a tokenizer is built on or aligned to, for comparison with its latent.
+
+    ``reference_maps(x)`` returns named maps (B, D, h', w') for images ``x``, e.g. the frozen VFM
+    features and a regulariser's target. ``measure`` scores each map's SSC next to the latent's, so
+    a researcher can see whether a regulariser pulls the latent towards a more or a less
+    segment-coherent target (the PAE pilot's SSR sweep lowered SSC because its MobileNetV2 target
+    was the less coherent one). A tokenizer without the method is measured as before.
+    """
+
+    def reference_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
 class TokenizerBase(nn.Module, ABC):
     """Shared parts of the built-in tokenizers.
 

@@ -614,6 +614,17 @@ class PAE(FixedGridTokenizer):
         scr_proj = self.scr_head(z) if hasattr(self, "scr_head") else None
         return {"recon": recon, "z": z, "feats": feats, "mcr": pairs, "scr_proj": scr_proj}
 
+    @torch.no_grad()
+    def reference_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps the latent is aligned to (:class:`~manifold_lab.tokenizers.base.HasReferenceMaps`):
+        the frozen VFM features F and, with refined targets, SSR's low-passed structural target."""
+        self.check_images(x)
+        feats = self.frozen_features(x)
+        maps = {"vfm_features": feats}
+        if self.config.targets.mode == "refined":
+            maps["ssr_target"] = self.structural_target(feats)
+        return maps
+
     # ----- refined targets -------------------------------------------------------------------
     def set_semantic_projector(self, projector: nn.Module) -> None:
         """Copy a trained semantic projector's weights into the frozen ``sem_projector`` (refined mode)."""

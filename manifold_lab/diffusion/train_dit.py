@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from manifold_lab.errors import CheckpointError
 from manifold_lab.io import atomic_dir, load_tensors, save_tensors, write_json
 from manifold_lab.train import Trainer
 from manifold_lab.train.engine import unwrap_model
+
+if TYPE_CHECKING:  # used in annotations only; the module does not need the tokenizers package at import
+    from manifold_lab.tokenizers.base import LatentStats
 
 DIT_FORMAT = "manifold-lab-dit"
 DIT_FORMAT_VERSION = 1

@@ -178,7 +178,11 @@ def measure_tokenizer(tokenizer, cfg: MeasureConfig, tracker: StageTracker) -> M
     metrics["lpc"] = lpc_res
 
     # ---- SSC ------------------------------------------------------------------------------------
-    metrics["ssc"], artifacts["ssc_examples"] = _ssc_stage(encode, image_size, (h, w), cfg, tracker, device)
+    from manifold_lab.tokenizers.base import HasReferenceMaps
+
+    references = _no_grad(tokenizer.reference_maps) if isinstance(tokenizer, HasReferenceMaps) else None
+    metrics["ssc"], artifacts["ssc_examples"] = _ssc_stage(encode, image_size, (h, w), cfg, tracker, device,
+                                                           references)
     return MeasureResult(metrics=metrics, artifacts=artifacts)
 
 
@@ -286,8 +290,14 @@ def _semantic_metrics(pooled: np.ndarray, labels: np.ndarray | None, channels: i
 
 
 def _ssc_stage(encode: Callable, image_size: int, grid: tuple[int, int], cfg: MeasureConfig,
-               tracker: StageTracker, device: torch.device) -> tuple[dict, dict | None]:
-    """SSC on the embedded composed scenes or on a user image folder with mask PNGs."""
+               tracker: StageTracker, device: torch.device,
+               references: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> tuple[dict, dict | None]:
+    """SSC on the embedded composed scenes or on a user image folder with mask PNGs.
+
+    ``references`` (a tokenizer's ``reference_maps``) adds the SSC of each map it returns, with the
+    segments downsampled to that map's own grid, under ``references``: the same scenes, the same
+    clustering, so the latent's SSC can be read against what it is aligned to.
+    """
     from manifold_lab.metrics import SSCAccumulator, downsample_segments
 
     sc = cfg.ssc
@@ -307,6 +317,8 @@ def _ssc_stage(encode: Callable, image_size: int, grid: tuple[int, int], cfg: Me
                            "(instance/panoptic mask PNGs) to measure SSC"}, None
 
     acc = SSCAccumulator(sigma=sc.sigma, seed=cfg.seed, n_init=sc.n_init)
+    ref_accs: dict[str, SSCAccumulator] = {}
+    ref_grids: dict[str, list[int]] = {}
     shard = _shard(data, sc.num_scenes)
     examples = None
     with tracker.stage("SSC (spectral clustering)", total=len(shard)) as st, torch.no_grad():
@@ -316,6 +328,14 @@ def _ssc_stage(encode: Callable, image_size: int, grid: tuple[int, int], cfg: Me
             _check_finite(z, "latents")
             seg = downsample_segments(mask.to(z.device), grid)
             acc.update(z, seg)
+            for name, fmap in (references(x) if references is not None else {}).items():
+                if fmap.dim() != 4 or fmap.shape[0] != x.shape[0]:
+                    raise ManifoldLabError(f"reference_maps()['{name}'] must be (B, D, h, w) for {x.shape[0]} images, "
+                                     f"got {tuple(fmap.shape)}")
+                _check_finite(fmap, f"reference map '{name}'")
+                ref_grids[name] = list(fmap.shape[-2:])
+                ref_accs.setdefault(name, SSCAccumulator(sigma=sc.sigma, seed=cfg.seed, n_init=sc.n_init)).update(
+                    fmap.float(), downsample_segments(mask.to(fmap.device), tuple(fmap.shape[-2:])))
             if examples is None and sc.examples > 0:
                 examples = _ssc_examples(z[: sc.examples], seg[: sc.examples], x[: sc.examples], mask[: sc.examples],
                                          sc, cfg.seed)
@@ -323,6 +343,12 @@ def _ssc_stage(encode: Callable, image_size: int, grid: tuple[int, int], cfg: Me
     res = _jsonable(acc.compute())
     res["source"] = source
     res["grid"] = list(grid)
+    if ref_accs:
+        res["references"] = {}
+        for name, a in ref_accs.items():
+            r = a.compute()
+            res["references"][name] = {"mean": r["mean"], "std": r["std"], "n_images": r["n_images"],
+                                       "grid": ref_grids[name]}
     return res, examples
 
 

@@ -146,6 +146,10 @@ def _details(m: dict[str, Any]) -> list[str]:
         out.append(f"- **SSC** {_fmt(ssc['mean'])} ± {_fmt(ssc.get('std'))} over {ssc.get('n_images')} images "
                    f"with ≥ 2 segments (σ = {ssc.get('sigma')}, k-means restarts {ssc.get('n_init')}, "
                    f"latent grid {ssc.get('grid')}, source: {ssc.get('source')}).")
+        for name, ref in ssc.get("references", {}).items():
+            out.append(f"  - reference map `{name}` (grid {ref.get('grid')}): SSC {_fmt(ref.get('mean'))} ± "
+                       f"{_fmt(ref.get('std'))} on the same scenes (a map the tokenizer is built on or "
+                       "aligned to: a regulariser towards it moves the latent's SSC towards this value).")
     elif "skipped" in ssc:
         out.append(f"- **SSC** skipped: {ssc['skipped']}.")
     lpc = m.get("lpc", {})

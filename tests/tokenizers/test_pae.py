@@ -168,6 +168,23 @@ def test_structural_and_semantic_targets_follow_the_target_mode(x16):
     assert hasattr(refined, "sem_projector") and not hasattr(refined, "scr_head")
 
 
+@pytest.mark.parametrize("mode", ["refined", "raw"])
+def test_reference_maps_are_the_frozen_features_and_the_ssr_target(mode, x16):
+    from manifold_lab.tokenizers import HasReferenceMaps, VAE, VAEConfig
+
+    model = _model(mode=mode)
+    assert isinstance(model, HasReferenceMaps) and not isinstance(VAE(VAEConfig()), HasReferenceMaps)
+    maps = model.reference_maps(x16)
+    feats = model.frozen_features(x16)
+    assert torch.equal(maps["vfm_features"], feats)
+    if mode == "refined":
+        assert set(maps) == {"vfm_features", "ssr_target"}
+        assert torch.equal(maps["ssr_target"], model.structural_target(feats))
+        assert maps["ssr_target"].shape[:2] == feats.shape[:2]
+    else:  # raw: T_struct is F itself, nothing more to compare with
+        assert set(maps) == {"vfm_features"}
+
+
 def test_semantic_projector_is_a_frozen_submodule_in_the_state_dict():
     model = _model()
     projector = SemanticProjector(model.vfm_dim, 4, 16)

@@ -237,6 +237,13 @@ class SVG(FixedGridTokenizer):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.combine(self.frozen("encoder")(x), self.residual_features(x), train=False)
 
+    @torch.no_grad()
+    def reference_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen VFM features alone (:class:`~manifold_lab.tokenizers.base.HasReferenceMaps`): the
+        latent's first channels, before the residual channels are added."""
+        self.check_images(x)
+        return {"vfm_features": self.frozen("encoder")(x).float()}
+
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 

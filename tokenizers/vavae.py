@@ -281,6 +281,14 @@ class VAVAE(VAE):
         feats = feats.float()
         return resize_grid(feats, size) if size is not None else feats
 
+    def reference_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The VF loss's target (:class:`~manifold_lab.tokenizers.base.HasReferenceMaps`): the VFM features
+        resized to the latent grid, as the loss sees them; none without a VFM (``encoder: null``)."""
+        if self.config.encoder is None:
+            return {}
+        self.check_images(x)
+        return {"vfm_features": self.vfm_features(x, size=tuple(self.latent_shape[1:]))}
+
     # ----- training forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sample: bool = True
                 ) -> tuple[torch.Tensor, DiagonalGaussian, torch.Tensor | None]:

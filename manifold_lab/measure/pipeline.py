@@ -330,8 +330,8 @@ def _ssc_stage(encode: Callable, image_size: int, grid: tuple[int, int], cfg: Me
             acc.update(z, seg)
             for name, fmap in (references(x) if references is not None else {}).items():
                 if fmap.dim() != 4 or fmap.shape[0] != x.shape[0]:
-                    raise ManifoldLabError(f"reference_maps()['{name}'] must be (B, D, h, w) for {x.shape[0]} images, "
-                                     f"got {tuple(fmap.shape)}")
+                    raise ManifoldLabError(f"reference_maps()['{name}'] must be (B, D, h, w) for {x.shape[0]} "
+                                           f"images, got {tuple(fmap.shape)}")
                 _check_finite(fmap, f"reference map '{name}'")
                 ref_grids[name] = list(fmap.shape[-2:])
                 ref_accs.setdefault(name, SSCAccumulator(sigma=sc.sigma, seed=cfg.seed, n_init=sc.n_init)).update(

@@ -3,8 +3,9 @@
 Every process initialises the process group from torchrun's environment, runs the stage (the
 training engine, latent caching, sampling and evaluation shard their work over ranks) and rank 0
 writes ``stage.json``; every rank then leaves the process group together
-(:func:`manifold_lab.distributed.shutdown`). On failure rank 0 writes the one-line error to ``error.txt`` in the stage's
-folder, which the launching executor reports (:func:`manifold_lab.studies.executors.torchrun_stage_fn`).
+(:func:`manifold_lab.distributed.shutdown`). On failure rank 0 writes the one-line error to
+``error.txt`` in the stage's folder, which the launching executor reports
+(:func:`manifold_lab.studies.executors.torchrun_stage_fn`).
 """
 
 from __future__ import annotations

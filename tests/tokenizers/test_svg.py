@@ -39,6 +39,12 @@ def test_shapes_and_concatenation(x32) -> None:
     assert torch.allclose(m.encode(x32[:1]), z[:1], atol=1e-5)
 
 
+def test_reference_map_is_the_frozen_part_of_the_latent(x32) -> None:
+    m = tiny().eval()
+    maps = m.reference_maps(x32)
+    assert set(maps) == {"vfm_features"} and torch.equal(maps["vfm_features"], m.encode(x32)[:, :96])
+
+
 def test_distribution_matching_follows_svg() -> None:
     g = torch.Generator().manual_seed(0)
     f = torch.randn(4, 12, 3, 3, generator=g) * 2.5 + 0.7

@@ -254,3 +254,13 @@ def test_train_tokenizer_smoke(tmp_path):
     x = images(2, size=32)
     with torch.no_grad():
         assert torch.equal(again.encode(x), tok.encode(x))
+
+
+def test_reference_map_is_the_vf_loss_target_at_the_latent_grid():
+    m = tiny_model()
+    x = images()
+    maps = m.reference_maps(x)
+    assert set(maps) == {"vfm_features"}
+    assert maps["vfm_features"].shape == (4, D, *m.latent_shape[1:])  # the stub's 4x4 grid resized to 8x8
+    assert torch.equal(maps["vfm_features"], m.vfm_features(x, size=tuple(m.latent_shape[1:])))
+    assert tiny_model(encoder=None, vf_dim=0, vf_weight=0.0).reference_maps(x) == {}
